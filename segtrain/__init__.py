@@ -1,0 +1,3 @@
+"""segtrain: config-driven training and evaluation of segmentation models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""The `segtrain` entry point: picks the subcommand, then hands the rest of argv to its Hydra app."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from segtrain import __version__
+
+CONFIG_PATH = "pkg://segtrain.conf"
+log = logging.getLogger("segtrain")
+
+COMMANDS = {
+    "train": "train a model (default: small U-Net on the built-in synthetic dataset)",
+    "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [overrides]",
+    "score": "score prediction files: segtrain score task=semantic gt=DIR pred=DIR num_classes=N",
+}
+
+# Errors a user can cause (bad paths, bad values, bad files): shown as one paragraph, no traceback.
+USER_ERRORS = (
+    FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, FloatingPointError
+)
+
+
+def _usage() -> str:
+    lines = [f"segtrain {__version__}", "", "usage: segtrain <command> [hydra overrides...]", ""]
+    lines += [f"  {name:<6} {text}" for name, text in COMMANDS.items()]
+    lines += [
+        "",
+        "`segtrain <command> --help` shows the command's config groups and options (Hydra);",
+        "`segtrain <command> --cfg job` prints the composed config.",
+    ]
+    return "\n".join(lines)
+
+
+def _run_guarded(fn: Callable[[DictConfig], object], cfg: DictConfig) -> object:
+    """Run a command; turn expected user errors into a clear message and exit status 1."""
+    from segtrain.engine.trainer import TrainingInterrupted
+
+    try:
+        return fn(cfg)
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except USER_ERRORS as err:
+        if os.environ.get("SEGTRAIN_DEBUG") or os.environ.get("HYDRA_FULL_ERROR"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        log.debug("error details", exc_info=True)
+        print(f"error: {message}\n(set SEGTRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def train_app(cfg: DictConfig) -> float | None:
+    from segtrain.train import train
+
+    return _run_guarded(train, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def eval_app(cfg: DictConfig) -> None:
+    from segtrain.evaluate import evaluate
+
+    _run_guarded(evaluate, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="score")
+def score_app(cfg: DictConfig) -> None:
+    from segtrain.evaluate import score
+
+    _run_guarded(score, cfg)
+
+
+APPS = {"train": train_app, "eval": eval_app, "score": score_app}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `segtrain <command> ...`; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"segtrain {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in APPS:
+        valid = ", ".join(COMMANDS)
+        print(f"error: unknown command '{command}'; valid commands: {valid}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    # Hydra reads sys.argv itself; the program name shows in its --help output.
+    sys.argv = [f"segtrain {command}", *rest]
+    APPS[command]()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""One evaluation pass: predict every batch of a loader and feed the task's evaluator."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from segtrain.metrics.base import Evaluator
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device, precision: str):
+    """`torch.autocast` for bf16/fp16, a no-op for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision not in DTYPES:
+        raise ValueError(f"trainer.precision={precision!r}; expected one of fp32, bf16, fp16")
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    task: Any,
+    loader: DataLoader,
+    evaluator: Evaluator,
+    device: torch.device,
+    precision: str = "fp32",
+    keep_first: int = 0,
+    progress: bool | None = None,
+) -> tuple[dict, list[tuple[dict, Any]]]:
+    """Run `model` over `loader`; returns (metrics, the first `keep_first` (batch, predictions)).
+
+    The kept pairs feed TensorBoard's image panel; they live on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    kept: list[tuple[dict, Any]] = []
+    try:
+        for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress is None else not progress):
+            batch = task.to_device(batch, device)
+            with autocast_context(device, precision):
+                predictions = task.predict(model, batch)
+            evaluator.process(batch, predictions)
+            if len(kept) < keep_first:
+                kept.append((task.to_device(batch, torch.device("cpu")), predictions.cpu()))
+        return evaluator.compute(), kept
+    finally:
+        model.train(was_training)

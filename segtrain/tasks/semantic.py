@@ -1,0 +1,185 @@
+"""Semantic segmentation glue: batching, normalisation, losses, whole/sliding inference, visuals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from segtrain.metrics.semantic import SemanticEvaluator
+
+
+class SemanticTask:
+    """Everything the Trainer must not know about semantic segmentation.
+
+    A batch is a dict: `images` uint8 (N, 3, H, W), `semantic` int64 (N, H, W) with
+    `ignore_index` for void, `image_ids` list[int], `orig_sizes` int64 (N, 2).
+    """
+
+    metric_families = ("semantic",)
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        loss: nn.Module | None = None,
+        aux_weight: float = 0.4,
+        mean: Sequence[float] = (123.675, 116.28, 103.53),
+        std: Sequence[float] = (58.395, 57.12, 57.375),
+        channels_last: bool = False,
+        inference: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
+        palette: list[Sequence[int]] | None = None,
+    ) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.loss, self.aux_weight = loss, aux_weight
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        inference = dict(inference or {})
+        self.inference_mode = inference.get("mode", "whole")
+        self.crop_size = _pair(inference.get("crop_size"))
+        self.stride = _pair(inference.get("stride")) or self.crop_size
+        if self.inference_mode not in ("whole", "slide"):
+            raise ValueError(
+                f"task.inference.mode={self.inference_mode!r}; expected 'whole' or 'slide'"
+            )
+        if self.inference_mode == "slide" and self.crop_size is None:
+            raise ValueError("task.inference.mode=slide needs task.inference.crop_size=[h,w]")
+        self.class_names, self.palette = class_names, palette
+
+    # ------------------------------------------------------------------------------ batching
+    def collate(self, samples: list[tuple[Any, dict]]) -> dict[str, Any]:
+        """Stack samples, padding to the largest size (image with 0, mask with ignore_index)."""
+        height = max(image.shape[-2] for image, _ in samples)
+        width = max(image.shape[-1] for image, _ in samples)
+        images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+        semantic = torch.full((len(samples), height, width), self.ignore_index, dtype=torch.int64)
+        for i, (image, target) in enumerate(samples):
+            h, w = image.shape[-2:]
+            images[i, :, :h, :w] = image
+            semantic[i, :h, :w] = self._checked_labels(target)
+        return {
+            "images": images,
+            "semantic": semantic,
+            "image_ids": [int(t["image_id"]) for _, t in samples],
+            "orig_sizes": torch.stack([torch.as_tensor(t["orig_size"]) for _, t in samples]),
+        }
+
+    def _checked_labels(self, target: dict) -> torch.Tensor:
+        """The target's label map; values outside [0, C) other than ignore_index are an error.
+
+        Checked here, on the loader's side, so that training pays no device sync for it.
+        """
+        labels = target["semantic"]
+        bad = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
+        if bad.any():
+            values = torch.unique(labels[bad]).tolist()[:8]
+            raise ValueError(
+                f"image_id {int(target['image_id'])}: label values {values} are outside "
+                f"[0, {self.num_classes}) and not ignore_index={self.ignore_index}; check "
+                "dataset.num_classes, dataset.ignore_index or the dataset's label mapping"
+            )
+        return labels
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        non_blocking = device.type == "cuda"
+        return {
+            k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
+    @staticmethod
+    def batch_size(batch: dict[str, Any]) -> int:
+        return batch["images"].shape[0]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32 normalised, on the images' device."""
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        out = (images.float() - mean) / std
+        return out.contiguous(memory_format=self.memory_format)
+
+    # ---------------------------------------------------------------------------- train / eval
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one batch: 'loss' (the total) plus each part."""
+        if self.loss is None:
+            raise ValueError("SemanticTask needs a loss to train; pass loss=...")
+        outputs = model(self.normalize(batch["images"]))
+        target = batch["semantic"]
+        losses = {"loss_seg": self.loss(outputs["out"], target)}
+        if "aux" in outputs and self.aux_weight > 0:
+            losses["loss_aux"] = self.aux_weight * self.loss(outputs["aux"], target)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Class scores (N, C, H, W) float32 for normalised images, whole or sliding-window."""
+        if self.inference_mode == "whole":
+            return model(images)["out"].float()
+        return self._slide_logits(model, images)
+
+    def _slide_logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Average logits of overlapping crop_size windows at `stride` (MMSegmentation's slide)."""
+        (crop_h, crop_w), (stride_h, stride_w) = self.crop_size, self.stride
+        n, _, height, width = images.shape
+        rows = max(-(-(height - crop_h) // stride_h), 0) + 1
+        cols = max(-(-(width - crop_w) // stride_w), 0) + 1
+        scores = images.new_zeros((n, self.num_classes, height, width), dtype=torch.float32)
+        counts = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+        for row in range(rows):
+            for col in range(cols):
+                y1 = max(min(row * stride_h, height - crop_h), 0)
+                x1 = max(min(col * stride_w, width - crop_w), 0)
+                y2, x2 = min(y1 + crop_h, height), min(x1 + crop_w, width)
+                window = images[:, :, y1:y2, x1:x2]
+                scores[:, :, y1:y2, x1:x2] += model(window)["out"].float()
+                counts[:, :, y1:y2, x1:x2] += 1
+        return scores / counts
+
+    def predict(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Predicted classes, int64 (N, H, W) at the batch's (padded) size."""
+        return self.logits(model, self.normalize(batch["images"])).argmax(dim=1)
+
+    def build_evaluator(self) -> SemanticEvaluator:
+        return SemanticEvaluator(self.num_classes, self.ignore_index, self.class_names)
+
+    # -------------------------------------------------------------------------------- visuals
+    def visualize(
+        self, batch: dict[str, Any], predictions: torch.Tensor, max_images: int = 4
+    ) -> torch.Tensor:
+        """uint8 (3, rows*H, 3*W) grid: image | prediction overlay | ground-truth overlay."""
+        palette = self._palette_tensor()
+        rows = []
+        for i in range(min(max_images, predictions.shape[0])):
+            image = batch["images"][i].cpu()
+            truth = batch["semantic"][i].cpu()
+            rows.append(torch.cat([image, _overlay(image, predictions[i].cpu(), palette),
+                                   _overlay(image, truth, palette)], dim=2))
+        return torch.cat(rows, dim=1)
+
+    def _palette_tensor(self) -> torch.Tensor:
+        if self.palette is not None:
+            colours = torch.tensor(self.palette, dtype=torch.uint8)[: self.num_classes]
+        else:
+            g = torch.Generator().manual_seed(0)
+            colours = torch.randint(0, 256, (self.num_classes, 3), generator=g, dtype=torch.uint8)
+        return colours
+
+
+def _overlay(image: torch.Tensor, labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """Blend class colours over a uint8 (3, H, W) image; ignored pixels stay as they are."""
+    valid = labels < palette.shape[0]
+    colour = palette[labels.clamp(max=palette.shape[0] - 1)].permute(2, 0, 1).float()
+    blended = torch.where(valid, 0.5 * image.float() + 0.5 * colour, image.float())
+    return blended.round().to(torch.uint8)
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value
+    h, w = value
+    return int(h), int(w)

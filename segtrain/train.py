@@ -1,0 +1,142 @@
+"""`segtrain train`: build every part from the composed config, run the Trainer, report metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.data.loader import build_eval_loader, build_train_loader
+from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resolve_device
+from segtrain.metrics.report import format_metrics_summary, format_semantic_table, write_metrics_json
+from segtrain.optim import build_param_groups
+from segtrain.utils.checkpoint import check_config_targets, load_checkpoint
+from segtrain.utils.distributed import is_main_process
+
+log = logging.getLogger("segtrain.train")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; optionally ask for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_optimizer(opt_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Instantiate the optimizer config over parameter groups (backbone lr, no decay on norms)."""
+    opt_cfg = opt_cfg.copy()
+    with_groups = {
+        key: opt_cfg.pop(key)
+        for key in ("backbone_lr_mult", "norm_weight_decay")
+        if key in opt_cfg
+    }
+    groups = build_param_groups(
+        model, lr=opt_cfg.lr, weight_decay=opt_cfg.get("weight_decay", 0.0), **with_groups
+    )
+    return instantiate(opt_cfg)(groups)
+
+
+def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
+    """Checkpoint to resume from; refuse to start afresh over an earlier run's checkpoint."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume is False or resume is None:
+        if last.exists():
+            raise FileExistsError(
+                f"{last} already holds a checkpoint from an earlier run; pass resume=true to "
+                "continue it, or choose another hydra.run.dir (nothing was overwritten)"
+            )
+        return None
+    path = last if resume is True else Path(str(resume))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume={resume}: no checkpoint at {path}; expected checkpoints/last.pt of an "
+            "earlier run (pass hydra.run.dir=<that run's directory> with resume=true)"
+        )
+    return path
+
+
+def build_data(cfg: DictConfig) -> tuple[Any, Any]:
+    """Instantiate the train and val datasets of `cfg.dataset`."""
+    train_set = instantiate(cfg.dataset.train)
+    val_set = instantiate(cfg.dataset.val) if cfg.dataset.get("val") is not None else None
+    return train_set, val_set
+
+
+def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
+    """The task object, given the dataset metadata (class names and palette)."""
+    loss = instantiate(cfg.loss) if with_loss else None
+    return instantiate(cfg.task, loss=loss, class_names=meta.classes, palette=meta.palette)
+
+
+def pin_memory(cfg: DictConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
+
+
+def report(metrics: dict, path: Path) -> None:
+    """Print the tables and write metrics.json."""
+    if "semantic" in metrics:
+        print(format_semantic_table(metrics))
+    print(format_metrics_summary(metrics))
+    write_metrics_json(metrics, path)
+    print(f"metrics written to {path}")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train as configured; returns the objective (the best metric) for Hydra sweepers."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    trainer_cfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    resume_state = load_checkpoint(resume_from) if resume_from else None
+    if resume_state is not None:
+        check_config_targets(OmegaConf.to_container(OmegaConf.create(resume_state["config"])),
+                             f"checkpoint {resume_from}")
+    seed_everything(cfg.seed, trainer_cfg.deterministic)
+    device = resolve_device(trainer_cfg.device)
+
+    train_set, val_set = build_data(cfg)
+    meta = train_set.meta
+    model = instantiate(cfg.model)
+    task = build_task(cfg, meta)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    pin = pin_memory(cfg, device)
+    train_loader = build_train_loader(
+        train_set, cfg.data.batch_size, task.collate, cfg.seed, cfg.data.num_workers, pin,
+        cfg.data.persistent_workers,
+    )
+    val_loader = None
+    if val_set is not None:
+        val_loader = build_eval_loader(
+            val_set, cfg.data.val_batch_size, task.collate, cfg.data.num_workers, pin
+        )
+    trainer = Trainer(
+        model, task, optimizer, instantiate(cfg.scheduler), train_loader, val_loader, trainer_cfg,
+        run_dir, checkpoint_extra={"config": OmegaConf.to_yaml(cfg), "meta": meta.to_dict()},
+    )
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        log.info("resumed from %s at iteration %d", resume_from, trainer.state.step)
+    log.info("run directory: %s (%d iterations, device %s)", run_dir, trainer.total_iters, device)
+
+    metrics = trainer.fit()
+    if not is_main_process():
+        return None
+    if metrics:
+        report(metrics, run_dir / "metrics.json")
+    if trainer_cfg.best_metric and metrics:
+        return trainer.state.best_value if trainer.state.best_value is not None else lookup_metric(
+            metrics, trainer_cfg.best_metric
+        )
+    return None

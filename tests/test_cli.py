@@ -1,0 +1,157 @@
+"""End-to-end through the real command line, as a user types it (CPU, tiny configs)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_cli
+from segtrain.utils.checkpoint import load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def _train(run_dir, *extra, cwd):
+    return run_cli("train", *TINY, f"hydra.run.dir={run_dir}", *extra, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny training run shared by the tests that only read its outputs."""
+    work = tmp_path_factory.mktemp("run")
+    result = _train(work / "run", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work, work / "run", result
+
+
+def test_help_lists_the_commands(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("train", "eval", "score"):
+        assert f"  {command}" in result.stdout
+
+
+def test_unknown_command_lists_valid_ones(tmp_path):
+    result = run_cli("trian", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown command 'trian'" in result.stderr and "train, eval, score" in result.stderr
+
+
+def test_unknown_group_option_lists_choices(tmp_path):
+    result = run_cli("train", "model=unet3", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "model/unet3" in result.stderr and "unet" in result.stderr
+    assert "deeplabv3_resnet50" in result.stderr  # the available options are listed
+
+
+def test_typo_in_a_config_key_is_reported(tmp_path):
+    result = run_cli("train", "trainer.max_iter=3", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "max_iter" in result.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pt"))
+
+
+def test_training_writes_metrics_checkpoints_and_tensorboard(trained_run):
+    _, run_dir, _ = trained_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["semantic"]["mIoU"] <= 100.0
+    assert set(metrics["semantic"]["per_class"]) == {
+        "background", *load_checkpoint(run_dir / "checkpoints/last.pt")["meta"]["classes"][1:]}
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["trainer"]["step"] == 6 and "model" in ckpt and "optimizer" in ckpt
+    assert ckpt["version"] and "unet" in ckpt["config"].lower()
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_eval_from_the_checkpoint_reproduces_the_final_metrics(trained_run):
+    work, run_dir, _ = trained_run
+    out = work / "eval.json"
+    result = run_cli("eval", f"ckpt={run_dir}/checkpoints/last.pt", f"output={out}", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text()) == json.loads((run_dir / "metrics.json").read_text())
+    assert "mIoU" in result.stdout
+
+
+def test_eval_of_a_checkpoint_with_another_class_count_is_a_clear_error(trained_run):
+    work, run_dir, _ = trained_run
+    result = run_cli("eval", f"ckpt={run_dir}/checkpoints/last.pt", "dataset.num_classes=4",
+                     cwd=work)
+    assert result.returncode == 1
+    assert "does not fit the configured model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_refuses_a_checkpoint_that_names_foreign_code(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt["config"] = ckpt["config"].replace("segtrain.models.unet.UNet", "os.system")
+    save_checkpoint(ckpt, tmp_path / "evil.pt")
+    result = run_cli("eval", f"ckpt={tmp_path / 'evil.pt'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "os.system" in result.stderr and "refusing" in result.stderr
+
+
+def test_eval_of_a_missing_checkpoint_names_the_path(tmp_path):
+    result = run_cli("eval", "ckpt=nowhere/last.pt", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "nowhere/last.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_checkpoint(trained_run):
+    work, run_dir, _ = trained_run
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    result = _train(run_dir, cwd=work)
+    assert result.returncode == 1
+    assert "already holds a checkpoint" in result.stderr and "resume=true" in result.stderr
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
+    settings = [*TINY, "trainer.max_iters=40", "trainer.eval_every=0", "trainer.ckpt_every=0",
+                "trainer.log_every=1", "trainer.deterministic=true"]
+    reference = run_cli("train", *settings, f"hydra.run.dir={tmp_path / 'ref'}", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "segtrain", "train", *settings, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    for line in process.stdout:  # wait until training is under way
+        if "iter 3/40" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output
+    assert "Resume with: segtrain train resume=true" in output
+    step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["trainer"]["step"]
+    assert 3 <= step < 40
+
+    resumed = run_cli("train", *settings, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    final = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    expected = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")
+    assert final["trainer"]["step"] == 40
+    for name, tensor in expected["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+
+
+def test_bf16_autocast_run_on_cpu(tmp_path):
+    result = _train(tmp_path / "bf16", "trainer.precision=bf16", "trainer.max_iters=2",
+                    "trainer.eval_every=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert 0.0 <= metrics["semantic"]["aAcc"] <= 100.0
+
+
+def test_installed_configs_resolve_outside_the_checkout(tmp_path):
+    result = run_cli("train", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "segtrain.models.unet.UNet" in result.stdout
+    assert str(ROOT) not in result.stdout
