@@ -109,9 +109,12 @@ class SemanticTask:
         outputs = model(self.normalize(batch["images"]))
         target = batch["semantic"]
         losses = {"loss_seg": self.loss(outputs["out"], target)}
+        # A combined loss (e.g. ce_dice) exposes its terms; log each one, unweighted.
+        for name, value in (getattr(self.loss, "last_parts", None) or {}).items():
+            losses[f"loss_seg_{name}"] = value
         if "aux" in outputs and self.aux_weight > 0:
             losses["loss_aux"] = self.aux_weight * self.loss(outputs["aux"], target)
-        losses["loss"] = sum(losses.values())
+        losses["loss"] = losses["loss_seg"] + losses.get("loss_aux", 0.0)
         return losses
 
     def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
