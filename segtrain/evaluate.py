@@ -86,8 +86,11 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def score(cfg: DictConfig) -> dict:
     """Score prediction files against ground truth in the dataset's standard format."""
-    if cfg.task not in SCORE_TASKS:
-        raise ValueError(f"score task={cfg.task!r}; valid tasks: {', '.join(SCORE_TASKS)}")
+    # `task=` picks an option of the task group (so Hydra lists the valid ones on a typo);
+    # the scorer goes by the option's name, not by the training-time task object it holds.
+    task = HydraConfig.get().runtime.choices["task"]
+    if task not in SCORE_TASKS:
+        raise ValueError(f"score task={task!r}; valid tasks: {', '.join(SCORE_TASKS)}")
     from segtrain.metrics.semantic import score_semantic_dirs
 
     if cfg.num_classes is None:

@@ -38,10 +38,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def build_optimizer(opt_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Instantiate the optimizer config over parameter groups (backbone lr, no decay on norms)."""
     opt_cfg = opt_cfg.copy()
+    OmegaConf.set_struct(opt_cfg, False)
     with_groups = {
-        key: opt_cfg.pop(key)
-        for key in ("backbone_lr_mult", "norm_weight_decay")
-        if key in opt_cfg
+        key: opt_cfg.pop(key) for key in ("backbone_lr_mult", "norm_weight_decay") if key in opt_cfg
     }
     groups = build_param_groups(
         model, lr=opt_cfg.lr, weight_decay=opt_cfg.get("weight_decay", 0.0), **with_groups

@@ -155,3 +155,55 @@ def test_installed_configs_resolve_outside_the_checkout(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "segtrain.models.unet.UNet" in result.stdout
     assert str(ROOT) not in result.stdout
+
+
+def _write_label_dirs(root, count=4):
+    """GT label PNGs from the synthetic set, and predictions with circles called rectangles."""
+    from PIL import Image
+
+    from segtrain.data.synthetic import SyntheticDataset
+
+    data = SyntheticDataset(split="val", num_samples=count, image_size=48, num_classes=4)
+    (root / "gt").mkdir()
+    (root / "pred").mkdir()
+    pairs = []
+    for i in range(count):
+        truth = data[i][1]["semantic"].as_subclass(torch.Tensor)
+        pred = torch.where(truth == 1, 2, truth).clamp(max=3) if i % 2 else truth.clamp(max=3)
+        Image.fromarray(truth.to(torch.uint8).numpy()).save(root / "gt" / f"{i:03d}.png")
+        Image.fromarray(pred.to(torch.uint8).numpy()).save(root / "pred" / f"{i:03d}.png")
+        pairs.append((pred, truth))
+    return pairs
+
+
+def test_score_semantic_matches_the_evaluator_and_writes_metrics(tmp_path):
+    from segtrain.metrics.report import write_metrics_json
+    from segtrain.metrics.semantic import SemanticEvaluator
+
+    pairs = _write_label_dirs(tmp_path)
+    evaluator = SemanticEvaluator(4, 255)
+    for pred, truth in pairs:
+        evaluator.update(pred, truth)
+    write_metrics_json(evaluator.compute(), tmp_path / "expected.json")
+    out = tmp_path / "m.json"
+    result = run_cli("score", "task=semantic", f"gt={tmp_path / 'gt'}", f"pred={tmp_path / 'pred'}",
+                     "num_classes=4", f"output={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text()) == json.loads((tmp_path / "expected.json").read_text())
+    assert "mIoU" in result.stdout
+
+
+def test_score_with_missing_predictions_names_the_files(tmp_path):
+    _write_label_dirs(tmp_path)
+    (tmp_path / "pred" / "002.png").unlink()
+    result = run_cli("score", "task=semantic", f"gt={tmp_path / 'gt'}", f"pred={tmp_path / 'pred'}",
+                     "num_classes=4", f"output={tmp_path / 'm.json'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "1 of 4" in result.stderr and "002" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_score_of_an_unknown_task_lists_the_valid_ones(tmp_path):
+    result = run_cli("score", "task=semantc", "gt=a", "pred=b", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "task/semantc" in result.stderr and "semantic" in result.stderr
