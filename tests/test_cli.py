@@ -142,9 +142,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
         assert torch.equal(final["model"][name], tensor), name
 
 
-def test_bf16_autocast_run_on_cpu(tmp_path):
-    result = _train(tmp_path / "bf16", "trainer.precision=bf16", "trainer.max_iters=2",
-                    "trainer.eval_every=2", cwd=tmp_path)
+def test_bf16_autocast_channels_last_run_on_cpu(tmp_path):
+    result = _train(tmp_path / "bf16", "trainer.precision=bf16", "trainer.channels_last=true",
+                    "trainer.max_iters=2", "trainer.eval_every=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert 0.0 <= metrics["semantic"]["aAcc"] <= 100.0

@@ -174,10 +174,14 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
     assert not torch.equal(ckpt["ema"]["module.0.weight"], ckpt["model"]["0.weight"])
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path):
-    trainer = make_trainer(tmp_path, precision="bf16", eval_every=0)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, precision):
+    trainer = make_trainer(tmp_path, precision=precision, eval_every=0)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.fit()
     assert all(torch.isfinite(torch.tensor(trainer.task.losses)))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
 
 
 def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
@@ -205,3 +209,18 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
 def test_unknown_trainer_key_is_rejected_with_valid_keys():
     with pytest.raises(KeyError, match="max_iter.*valid keys"):
         TrainerConfig.from_dict({"max_iter": 3})
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    runs = []
+    for compile_model in (False, True):
+        trainer = make_trainer(tmp_path / str(compile_model), compile=compile_model, max_iters=3,
+                               eval_every=0)
+        trainer.model[1].p = 0.0  # inductor's dropout draws other random numbers than eager's
+        trainer.fit()
+        runs.append(trainer)
+    assert runs[1].forward_model is not runs[1].model  # the compiled wrapper did the work
+    torch.testing.assert_close(runs[1].task.losses, runs[0].task.losses, rtol=1e-4, atol=1e-5)
+    # The checkpoint holds the plain module's keys, not the compiled wrapper's.
+    assert all(not k.startswith("_orig_mod") for k in runs[1].state_dict()["model"])
