@@ -36,6 +36,14 @@ def test_help_lists_the_commands(tmp_path):
         assert f"  {command}" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "score"])
+def test_each_command_has_hydra_help_with_its_groups(tmp_path, command):
+    result = run_cli(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"segtrain {command} is powered by Hydra" in result.stdout
+    assert "loss: ce, ce_dice, dice, focal, lovasz, ohem_ce" in result.stdout
+
+
 def test_unknown_command_lists_valid_ones(tmp_path):
     result = run_cli("trian", cwd=tmp_path)
     assert result.returncode == 2
