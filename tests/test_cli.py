@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -128,12 +129,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
 
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "segtrain", "train", *settings, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "segtrain", "train", *settings, "data.num_workers=1",
+         f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
     for line in process.stdout:  # wait until training is under way
         if "iter 3/40" in line:
-            process.send_signal(signal.SIGTERM)
+            # As a scheduler does: the whole process group, loader worker included.
+            os.killpg(process.pid, signal.SIGTERM)
             break
     output = process.stdout.read()
     assert process.wait(timeout=120) == 128 + signal.SIGTERM, output

@@ -6,6 +6,8 @@ the number of workers, and lets a run restart mid-epoch without loading the skip
 
 from __future__ import annotations
 
+import signal
+
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +15,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segtrain.utils.distributed import get_rank, get_world_size
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process.
+
+    Ctrl-C and cluster schedulers signal the whole process group; a worker killed by the signal
+    would make the main process raise mid-step instead of writing its checkpoint and stopping.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ResumableSampler(Sampler):
@@ -92,6 +104,7 @@ def build_train_loader(
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
         # Its own generator: creating an iterator must not draw from the global RNG, or a
         # resumed run's dropout would diverge from the uninterrupted run's.
         generator=torch.Generator().manual_seed(seed),
@@ -113,4 +126,5 @@ def build_eval_loader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,
     )
