@@ -1,0 +1,116 @@
+"""Readable tables and the metrics.json writer for the nested metrics dicts evaluators return."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# The numbers each family shows in its one-line summary; families not listed show every scalar.
+HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
+    "semantic": ("mIoU", "aAcc", "mAcc", "fwIoU"),
+    "segm": ("AP", "AP50", "AP75"),
+    "bbox": ("AP", "AP50", "AP75"),
+    "panoptic": ("PQ", "SQ", "RQ"),
+}
+
+
+def _fmt(value: Any) -> str:
+    """Two decimals; NaN (or a missing value written as null) as 'nan'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return f"{float(value):.2f}"
+
+
+def format_semantic_table(metrics: Mapping[str, Any]) -> str:
+    """Per-class IoU/Acc table plus a summary row (mIoU, aAcc, mAcc, fwIoU), two decimals.
+
+    metrics: the evaluator's output (`{"semantic": {...}}`) or its "semantic" part itself.
+    """
+    semantic = metrics.get("semantic", metrics)
+    if "per_class" not in semantic or "mIoU" not in semantic:
+        raise KeyError(
+            f"no semantic metrics (mIoU, per_class) in a dict with keys {sorted(metrics)}"
+        )
+    per_class = semantic["per_class"]
+    width = max([len("class"), *(len(str(name)) for name in per_class)])
+    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}"]
+    lines += [
+        f"{str(name):<{width}}  {_fmt(v.get('IoU')):>7}  {_fmt(v.get('Acc')):>7}"
+        for name, v in per_class.items()
+    ]
+    rule = "-" * len(lines[0])
+    summary = "  ".join(f"{key} {_fmt(semantic.get(key))}" for key in HEADLINE_KEYS["semantic"])
+    return "\n".join([lines[0], rule, *lines[1:], rule, summary])
+
+
+def _scalars(family: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in family.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def format_metrics_summary(metrics: Mapping[str, Any], prefix: str = "") -> str:
+    """One line per family with its headline numbers, e.g. 'semantic: mIoU 45.12  aAcc 90.01 ...'.
+
+    Nested groups of families (such as {"ema": {"semantic": {...}}}) are shown as 'ema/semantic'.
+    """
+    lines = []
+    for name, family in metrics.items():
+        if not isinstance(family, Mapping):
+            continue
+        scalars = _scalars(family)
+        if not scalars:
+            nested = format_metrics_summary(family, f"{prefix}{name}/")
+            lines += [nested] if nested else []
+            continue
+        keys = [k for k in HEADLINE_KEYS.get(name, tuple(scalars)) if k in family]
+        lines.append(f"{prefix}{name}: " + "  ".join(f"{k} {_fmt(family[k])}" for k in keys))
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become None (strict JSON has no NaN/Infinity)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "item"):  # 0-d torch tensors and numpy scalars
+        value = value.item()
+        if isinstance(value, int):
+            return value
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def write_metrics_json(metrics: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write `metrics` as indented strict JSON (NaN -> null) atomically, creating the parent dir.
+
+    The text goes to a temporary file in the same directory, is fsynced, then renamed over
+    `path`, so a reader never sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
