@@ -1,0 +1,47 @@
+"""Writing a dataset to disk as image and label PNG folders (the layout `segtrain score` reads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from segtrain.data.image_io import write_label
+from segtrain.data.meta import DatasetMeta
+
+# VOC's colour for void pixels in its palette PNGs.
+_VOID_COLOUR = (224, 224, 192)
+
+
+def export_semantic(dataset: Dataset, out_dir: str | os.PathLike) -> list[str]:
+    """Write every item as `out_dir/images/{stem}.png` and `out_dir/labels/{stem}.png`.
+
+    stem = f"{image_id:06d}". Labels are palette PNGs of the `semantic` map (class indices,
+    `ignore_index` kept) coloured with `dataset.meta.palette` when the dataset has one. Returns
+    the stems in dataset order.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
+    palette = _label_palette(getattr(dataset, "meta", None))
+    stems = []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        stem = f"{int(target['image_id']):06d}"
+        pixels = torch.as_tensor(image).permute(1, 2, 0).contiguous().numpy()
+        Image.fromarray(pixels).save(out_dir / "images" / f"{stem}.png")
+        write_label(out_dir / "labels" / f"{stem}.png", target["semantic"], palette)
+        stems.append(stem)
+    return stems
+
+
+def _label_palette(meta: DatasetMeta | None) -> list[tuple[int, int, int]] | None:
+    if meta is None:
+        return None
+    palette = list(meta.palette)[:256]
+    if len(palette) <= meta.ignore_index < 256:
+        palette += [(0, 0, 0)] * (meta.ignore_index - len(palette)) + [_VOID_COLOUR]
+    return palette

@@ -1,0 +1,348 @@
+"""Built-in dataset of coloured shapes on textured backgrounds, generated from a seed, no files."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn import functional as nnf
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from segtrain.data.meta import DatasetMeta, default_palette
+
+Tensor = torch.Tensor
+
+# Kinds 2f+1 and 2f+2 share a hue family (see `_class_hues`), so colour alone cannot reliably
+# tell a circle from a rectangle or a ring from a cross: a model has to look at the shape. Each
+# pair couples curved outlines with straight ones, which a small CNN learns to tell apart.
+SHAPES = (
+    "circle", "rectangle", "ring", "cross", "triangle", "ellipse", "star", "crescent", "hexagon",
+)
+MAX_CLASSES = len(SHAPES) + 1
+# Instance hues are uniform within +-_HUE_JITTER / 2 of the class hue; the two kinds of a pair
+# overlap on (_HUE_JITTER - _PAIR_HUE_OFFSET) / _HUE_JITTER = half of that range. The offset
+# lets a model start from colour; only the shape resolves the overlap.
+_HUE_JITTER, _PAIR_HUE_OFFSET = 0.08, 0.04
+_PLACEMENT_TRIES = 8
+_MIN_GAP = 0.7  # centre distance >= this * (sum of radii): overlaps stay partial
+
+
+class SyntheticDataset(Dataset):
+    """Shapes (circle, rectangle, ring, cross, ...) drawn over smooth, striped, noisy backgrounds.
+
+    Class 0 is background, class k >= 1 the shape kind SHAPES[k - 1]. Item i is a pure function
+    of (seed, split, i): random access, loader workers and re-created datasets agree, and the
+    splits differ. Later shapes occlude earlier ones; targets describe what is visible.
+
+    Returns `(image, target)`: image `tv_tensors.Image` uint8 (3, H, W); target dict with
+    `semantic` Mask int64 (H, W) in [0, num_classes) or 255 (void, only with void_border > 0:
+    pixels within `void_border` pixels of a visible outline), `masks` Mask bool (N, H, W),
+    `labels` int64 (N,) in [1, num_classes), `boxes` BoundingBoxes XYXY (x2/y2 exclusive: a
+    mask spanning columns 3..7 has x1=3, x2=8), `iscrowd` int64 zeros (N,), `image_id` int,
+    `orig_size` int64 [H, W]. `transforms(image, target)` is applied last when given.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        num_samples: int = 256,
+        image_size: int | tuple[int, int] = 128,
+        num_classes: int = 6,
+        max_shapes: int = 6,
+        seed: int = 0,
+        void_border: int = 0,
+        transforms: Callable | None = None,
+    ) -> None:
+        if not 2 <= num_classes <= MAX_CLASSES:
+            raise ValueError(
+                f"SyntheticDataset(num_classes={num_classes}): expected 2..{MAX_CLASSES} "
+                f"(background + up to {len(SHAPES)} shape kinds: {', '.join(SHAPES)})"
+            )
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if min(height, width) < 16:
+            raise ValueError(f"SyntheticDataset(image_size={image_size}): expected >= 16 pixels")
+        if num_samples < 0 or max_shapes < 1 or void_border < 0:
+            raise ValueError(
+                f"SyntheticDataset(num_samples={num_samples}, max_shapes={max_shapes}, "
+                f"void_border={void_border}): expected num_samples >= 0, max_shapes >= 1, "
+                "void_border >= 0"
+            )
+        self.split, self.num_samples, self.seed = str(split), int(num_samples), int(seed)
+        self.size = (int(height), int(width))
+        self.num_classes, self.max_shapes = int(num_classes), int(max_shapes)
+        self.void_border, self.transforms = int(void_border), transforms
+        self.ignore_index = 255
+        self.meta = DatasetMeta(
+            classes=["background", *SHAPES[: num_classes - 1]],
+            palette=default_palette(num_classes),
+            ignore_index=self.ignore_index,
+            thing_ids=list(range(1, num_classes)),
+            stuff_ids=[0],
+        )
+        self._hues = _class_hues(num_classes)
+        # Pixel-centre coordinates, shared by every sample.
+        self._ys = torch.arange(height, dtype=torch.float32).view(-1, 1) + 0.5
+        self._xs = torch.arange(width, dtype=torch.float32).view(1, -1) + 0.5
+        self._split_key = zlib.crc32(self.split.encode())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        index = int(index)
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} is outside [0, {self.num_samples})")
+        image, target = self.generate(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def generate(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        """The untransformed sample `index`."""
+        g = torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + self._split_key) * 10_000_019 + index) % (1 << 63)
+        )
+        height, width = self.size
+        image = self._background(g)
+        count = int(torch.randint(1, self.max_shapes + 1, (1,), generator=g))
+        kinds = torch.randint(1, self.num_classes, (count,), generator=g)
+        # Columns: radius, rotation, proportions a and b, shading angle and strength,
+        # hue jitter, saturation, value.
+        params = torch.rand(count, 9, generator=g)
+        spots = torch.rand(count, _PLACEMENT_TRIES, 2, generator=g)
+        radii = min(height, width) * (0.10 + 0.14 * params[:, 0])
+        placed, centres = self._place(radii.tolist(), spots.tolist())
+        kinds, params, radii = kinds[placed], params[placed], radii[placed]
+        colours = self._instance_colours(kinds, params)
+        owner = torch.zeros(height, width, dtype=torch.int64)  # 1 + index of the visible shape
+        for j, (kind, p) in enumerate(zip(kinds.tolist(), params.tolist())):
+            self._draw_shape(image, owner, j + 1, kind, centres[j], float(radii[j]), p, colours[j])
+        noise_sigma = 0.015 + 0.035 * float(torch.rand(1, generator=g))
+        image += torch.randn(image.shape, generator=g) * noise_sigma
+        image = (image.clamp_(0.0, 1.0) * 255.0).round_().to(torch.uint8)
+        return tv_tensors.Image(image), self._target(owner, kinds, index)
+
+    # ------------------------------------------------------------------------------ drawing
+    def _background(self, g: torch.Generator) -> Tensor:
+        """Float (3, H, W) in about [0, 1]: a two-colour gradient plus sinusoid stripes."""
+        height, width = self.size
+        r = torch.rand(11, generator=g).tolist()
+        # Low saturation keeps the background from posing as a shape, yet hue varies freely.
+        ends = _hsv_to_rgb(
+            torch.tensor([r[0], r[1]]),
+            torch.tensor([0.35 * r[2], 0.35 * r[3]]),
+            torch.tensor([0.25 + 0.6 * r[4], 0.25 + 0.6 * r[5]]),
+        )
+        angle, steepness = 2 * math.pi * r[6], 0.5 + r[7]
+        t = 0.5 + steepness * (
+            (self._xs / width - 0.5) * math.cos(angle) + (self._ys / height - 0.5) * math.sin(angle)
+        )
+        t = t.clamp(0.0, 1.0)
+        image = ends[0].view(3, 1, 1) + (ends[1] - ends[0]).view(3, 1, 1) * t
+        stripe_angle, cycles = 2 * math.pi * r[8], 2.0 + 10.0 * r[9]
+        scale = 2 * math.pi * cycles / min(height, width)
+        phase = (self._xs * math.cos(stripe_angle) + self._ys * math.sin(stripe_angle)) * scale
+        return image + (0.12 * r[10]) * torch.sin(phase + 7.0 * r[10])
+
+    def _place(
+        self, radii: list[float], spots: list[list[list[float]]]
+    ) -> tuple[list[int], list[tuple[float, float]]]:
+        """Indices of the shapes that found a centre, and those centres (y, x) in pixels.
+
+        Each shape takes the first of its candidate spots whose distance to every placed centre
+        is at least `_MIN_GAP` times the sum of the radii, so shapes overlap but none hides
+        most of another; a shape without such a spot is left out.
+        """
+        height, width = self.size
+        placed: list[int] = []
+        centres: list[tuple[float, float]] = []
+        for j, radius in enumerate(radii):
+            for fy, fx in spots[j]:
+                cy, cx = height * (0.05 + 0.9 * fy), width * (0.05 + 0.9 * fx)
+                if all(
+                    (cy - py) ** 2 + (cx - px) ** 2 >= (_MIN_GAP * (radius + radii[k])) ** 2
+                    for k, (py, px) in zip(placed, centres)
+                ):
+                    placed.append(j)
+                    centres.append((cy, cx))
+                    break
+        return placed, centres
+
+    def _instance_colours(self, kinds: Tensor, params: Tensor) -> Tensor:
+        """RGB (N, 3) in [0, 1]: each around its class hue, saturated, with jitter."""
+        hue = (self._hues[kinds] + _HUE_JITTER * (params[:, 6] - 0.5)) % 1.0
+        saturation = 0.55 + 0.4 * params[:, 7]
+        value = 0.55 + 0.4 * params[:, 8]
+        return _hsv_to_rgb(hue, saturation, value)
+
+    def _draw_shape(
+        self,
+        image: Tensor,
+        owner: Tensor,
+        instance: int,
+        kind: int,
+        centre: tuple[float, float],
+        radius: float,
+        p: list[float],
+        colour: Tensor,
+    ) -> None:
+        """Paint one shape into `image` and `owner` in place, over what is already there."""
+        height, width = self.size
+        cy, cx = centre
+        y0, y1 = max(0, int(cy - radius) - 1), min(height, int(cy + radius) + 2)
+        x0, x1 = max(0, int(cx - radius) - 1), min(width, int(cx + radius) + 2)
+        cos, sin = math.cos(2 * math.pi * p[1]), math.sin(2 * math.pi * p[1])
+        dy, dx = self._ys[y0:y1] - cy, self._xs[:, x0:x1] - cx
+        u, v = dx * cos + dy * sin, dy * cos - dx * sin
+        inside = _SHAPE_FNS[kind - 1](u, v, radius, p[2], p[3])
+        # A linear shading across the shape, so its colour is not flat.
+        shade_angle, strength = 2 * math.pi * p[4], 0.3 * p[5]
+        shade = 1.0 + (strength / radius) * (
+            u * math.cos(shade_angle) + v * math.sin(shade_angle)
+        )
+        patch = image[:, y0:y1, x0:x1]
+        patch.copy_(torch.where(inside, colour.view(3, 1, 1) * shade, patch))
+        owner[y0:y1, x0:x1].masked_fill_(inside, instance)
+
+    # ------------------------------------------------------------------------------ targets
+    def _target(self, owner: Tensor, kinds: Tensor, index: int) -> dict[str, Any]:
+        height, width = self.size
+        ids = torch.arange(1, kinds.numel() + 1).view(-1, 1, 1)
+        masks = owner.unsqueeze(0) == ids
+        visible = masks.flatten(1).any(1)
+        masks, labels = masks[visible], kinds[visible]
+        semantic = torch.cat([torch.zeros(1, dtype=torch.int64), kinds])[owner]
+        if self.void_border > 0 and len(masks):
+            semantic[_outline_band(owner, self.void_border)] = self.ignore_index
+        return {
+            "semantic": tv_tensors.Mask(semantic),
+            "masks": tv_tensors.Mask(masks),
+            "labels": labels,
+            "boxes": tv_tensors.BoundingBoxes(
+                _masks_to_boxes(masks), format="XYXY", canvas_size=(height, width)
+            ),
+            "iscrowd": torch.zeros(len(labels), dtype=torch.int64),
+            "image_id": index,
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+        }
+
+
+# -------------------------------------------------------------------------------- shapes
+# Each takes rotated local coordinates u, v (pixels from the centre), the radius r of a circle
+# that contains the shape, and two uniform numbers a, b in [0, 1) for its proportions.
+def _circle(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    return u * u + v * v <= r * r
+
+
+def _ring(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    inner = r * (0.45 + 0.15 * a)
+    rr = u * u + v * v
+    return (rr <= r * r) & (rr >= inner * inner)
+
+
+def _rectangle(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    # Aspect from 0.45 to 1 (a square) via the angle of the half-diagonal.
+    angle = math.atan(0.45) + a * (math.pi / 4 - math.atan(0.45))
+    return (u.abs() <= r * math.cos(angle)) & (v.abs() <= r * math.sin(angle))
+
+
+def _cross(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    ratio = 0.25 + 0.12 * a  # bar half-width over arm length
+    arm = r / math.sqrt(1.0 + ratio * ratio)
+    bar = ratio * arm
+    au, av = u.abs(), v.abs()
+    return ((au <= arm) & (av <= bar)) | ((au <= bar) & (av <= arm))
+
+
+def _star_polygon(u: Tensor, v: Tensor, outer: float, inner: float, points: int) -> Tensor:
+    """Inside a star with `points` tips at radius `outer` and notches at radius `inner`.
+
+    A regular polygon is the star whose notches lie on its edges: inner = outer * cos(pi / n).
+    """
+    sector = 2 * math.pi / points
+    folded = torch.remainder(torch.atan2(v, u), sector)
+    folded = torch.minimum(folded, sector - folded)  # in [0, pi / points]
+    rho = torch.sqrt(u * u + v * v)
+    px, py = rho * torch.cos(folded), rho * torch.sin(folded)
+    # Same side of the tip-to-notch edge as the centre.
+    ex, ey = inner * math.cos(sector / 2) - outer, inner * math.sin(sector / 2)
+    return ex * py - ey * (px - outer) >= 0
+
+
+def _triangle(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    return _star_polygon(u, v, r, r * math.cos(math.pi / 3), 3)
+
+
+def _star(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    return _star_polygon(u, v, r, r * (0.4 + 0.1 * a), 5)
+
+
+def _ellipse(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    minor = r * (0.35 + 0.2 * a)
+    return (u / r) ** 2 + (v / minor) ** 2 <= 1.0
+
+
+def _hexagon(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    return _star_polygon(u, v, r, r * math.cos(math.pi / 6), 6)
+
+
+def _crescent(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
+    offset, bite = r * (0.4 + 0.15 * a), r * (0.75 + 0.1 * b)
+    return (u * u + v * v <= r * r) & ((u - offset) ** 2 + v * v > bite * bite)
+
+
+_SHAPE_FNS = (
+    _circle, _rectangle, _ring, _cross, _triangle, _ellipse, _star, _crescent, _hexagon,
+)
+
+
+# -------------------------------------------------------------------------------- helpers
+def _class_hues(num_classes: int) -> Tensor:
+    """Hue in [0, 1) per class: kinds 2f+1 and 2f+2 sit `_PAIR_HUE_OFFSET` apart around family
+    f's hue, and the families spread evenly round the colour wheel."""
+    families = max(1, num_classes // 2)  # ceil((num_classes - 1) / 2)
+    hues = torch.zeros(num_classes)
+    for kind in range(1, num_classes):
+        family, member = divmod(kind - 1, 2)
+        paired = 2 * family + 2 < num_classes
+        hues[kind] = family / families + (member - 0.5) * _PAIR_HUE_OFFSET * paired
+    return hues % 1.0
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """(N,) hue, saturation, value in [0, 1] -> (N, 3) RGB in [0, 1]."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + h.unsqueeze(-1) * 6.0) % 6.0
+    weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return v.unsqueeze(-1) - (v * s).unsqueeze(-1) * weight
+
+
+def _outline_band(owner: Tensor, width: int) -> Tensor:
+    """Bool (H, W): pixels within `width` (Chebyshev) of a visible outline.
+
+    A pixel is near an outline exactly when its (2w+1)^2 window holds two different owners,
+    i.e. the window max differs from the window min (two separable max-pools each). max_pool2d
+    pads with -inf, so the canvas edge is not an outline.
+    """
+    kernel = 2 * width + 1
+    o = owner.to(torch.float32)[None, None]
+
+    def window_max(x: Tensor) -> Tensor:
+        x = nnf.max_pool2d(x, (1, kernel), stride=1, padding=(0, width))
+        return nnf.max_pool2d(x, (kernel, 1), stride=1, padding=(width, 0))
+
+    return (window_max(o) != -window_max(-o))[0, 0]
+
+
+def _masks_to_boxes(masks: Tensor) -> Tensor:
+    """Bool (N, H, W), each non-empty -> float (N, 4) XYXY with exclusive x2, y2."""
+    if not len(masks):
+        return torch.zeros(0, 4)
+    cols, rows = masks.any(1), masks.any(2)
+    x1, y1 = cols.int().argmax(1), rows.int().argmax(1)
+    x2 = masks.shape[2] - cols.flip(1).int().argmax(1)
+    y2 = masks.shape[1] - rows.flip(1).int().argmax(1)
+    return torch.stack([x1, y1, x2, y2], 1).float()
