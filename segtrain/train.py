@@ -16,7 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from segtrain.data.loader import build_eval_loader, build_train_loader
 from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resolve_device
-from segtrain.metrics.report import format_metrics_summary, format_semantic_table, write_metrics_json
+from segtrain.metrics.report import (
+    format_metrics_summary,
+    format_semantic_table,
+    write_metrics_json,
+)
 from segtrain.optim import build_param_groups
 from segtrain.utils.checkpoint import check_config_targets, load_checkpoint
 from segtrain.utils.distributed import is_main_process

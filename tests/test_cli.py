@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, run_cli
+
 from segtrain.utils.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import ROOT
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from segtrain.engine.trainer import TrainerConfig
 
 GROUP_OPTIONS = sorted(

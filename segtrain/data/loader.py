@@ -7,7 +7,6 @@ the number of workers, and lets a run restart mid-epoch without loading the skip
 from __future__ import annotations
 
 import signal
-
 from collections.abc import Callable, Iterator
 from typing import Any
 

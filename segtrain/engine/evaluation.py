@@ -44,7 +44,8 @@ def evaluate_model(
     evaluator.reset()
     kept: list[tuple[dict, Any]] = []
     try:
-        for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress is None else not progress):
+        disable = None if progress is None else not progress  # None: hide when not a TTY
+        for batch in tqdm(loader, desc="eval", leave=False, disable=disable):
             batch = task.to_device(batch, device)
             with autocast_context(device, precision):
                 predictions = task.predict(model, batch)
