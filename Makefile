@@ -24,7 +24,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 
 # Train the default U-Net on synthetic shapes, then evaluate its checkpoint as a user would.
 demo: $(VENV)/.runtime
-	$(BIN)/segtrain train hydra.run.dir=$(DEMO_DIR)
+	$(BIN)/segtrain train experiment=synthetic_unet hydra.run.dir=$(DEMO_DIR)
 	$(BIN)/segtrain eval ckpt=$(DEMO_DIR)/checkpoints/last.pt output=$(DEMO_DIR)/eval_metrics.json
 
 # pytest exit status 5 means it collected no test: treated as a failure, never as a pass.

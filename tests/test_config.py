@@ -18,8 +18,22 @@ GROUP_OPTIONS = sorted(
 def test_group_option_composes_and_resolves(compose_cfg, group, option):
     cfg = compose_cfg("train", [f"{group}={option}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    option_cfg = OmegaConf.load(ROOT / "conf" / group / f"{option}.yaml")
+    if group == "experiment":  # a global preset: every key it sets must reach the config
+        option_cfg.pop("defaults", None)
+        for key, value in _leaves(OmegaConf.to_container(option_cfg)):
+            assert OmegaConf.select(cfg, key) == value, key
+        return
     assert resolved[group] is not None
-    assert OmegaConf.load(ROOT / "conf" / group / f"{option}.yaml").keys() <= cfg[group].keys()
+    assert option_cfg.keys() <= cfg[group].keys()
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def test_contract_keys_exist_in_the_train_config(compose_cfg):
