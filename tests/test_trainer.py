@@ -174,6 +174,7 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
     assert not torch.equal(ckpt["ema"]["module.0.weight"], ckpt["model"]["0.weight"])
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # no scheduler-order warning from the scaler
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(tmp_path, precision):
     trainer = make_trainer(tmp_path, precision=precision, eval_every=0)

@@ -7,6 +7,7 @@ import math
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -244,6 +245,16 @@ class Trainer:
             self.ema.update_parameters(self.model)
         return totals
 
+    def _step_scheduler(self) -> None:
+        if not self.scaler.is_enabled():
+            self.scheduler.step()
+            return
+        # The scaler skips steps while it calibrates the loss scale; the schedule still follows
+        # the iteration count on purpose, which is what torch warns about on the first step.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
+
     def _non_finite(self, losses: dict[str, torch.Tensor]) -> None:
         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
         step = self.state.step + 1
@@ -272,7 +283,7 @@ class Trainer:
             while self.state.step < self.total_iters:
                 losses = self.train_step(batches)
                 self.state.step += 1
-                self.scheduler.step()
+                self._step_scheduler()
                 self.monitor.step()
                 if losses is not None:
                     window_steps += 1
