@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from segtrain.utils.files import write_atomically
 
 # The numbers each family shows in its one-line summary; families not listed show every scalar.
 HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
@@ -95,22 +95,5 @@ def write_metrics_json(metrics: Mapping[str, Any], path: str | os.PathLike) -> N
     The text goes to a temporary file in the same directory, is fsynced, then renamed over
     `path`, so a reader never sees a half-written file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_atomically(path, lambda f: f.write(text), binary=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,33 +11,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from segtrain.utils.files import write_atomically
+
 # Callables a checkpoint's embedded config may name; anything else could run foreign code.
 ALLOWED_TARGET_PREFIXES = ("segtrain.", "torch.", "torchvision.")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write `state` with torch.save atomically: temporary file, fsync, rename, fsync the folder.
+    """Write `state` with torch.save atomically (see `write_atomically`).
 
     A crash mid-write leaves the previous file at `path` intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return write_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
