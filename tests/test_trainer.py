@@ -117,6 +117,15 @@ def test_keep_last_prunes_older_snapshots(tmp_path):
     assert names == ["iter_0000006.pt", "iter_0000008.pt"]
 
 
+def test_epoch_based_run_counts_optimizer_steps_per_epoch(tmp_path):
+    # 32 samples / batch 4 = 8 micro-batches per epoch = 4 optimizer steps with grad_accum=2.
+    trainer = make_trainer(tmp_path, max_iters=None, max_epochs=3, grad_accum=2, eval_every=0)
+    assert trainer.total_iters == 12
+    trainer.fit()
+    assert len(trainer.task.losses) == 24
+    assert (trainer.state.epoch, trainer.state.batch_in_epoch) == (2, 8)  # ends on the last batch
+
+
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     big = make_trainer(tmp_path / "a", batch_size=8, max_iters=1, eval_every=0)
     small = make_trainer(tmp_path / "b", batch_size=4, grad_accum=2, max_iters=1, eval_every=0)
