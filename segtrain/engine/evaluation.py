@@ -24,6 +24,17 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
+def to_cpu(obj: Any) -> Any:
+    """Tensors moved to the CPU inside any nesting of lists, tuples and dicts (predictions)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -51,7 +62,7 @@ def evaluate_model(
                 predictions = task.predict(model, batch)
             evaluator.process(batch, predictions)
             if len(kept) < keep_first:
-                kept.append((task.to_device(batch, torch.device("cpu")), predictions.cpu()))
+                kept.append((task.to_device(batch, torch.device("cpu")), to_cpu(predictions)))
         return evaluator.compute(), kept
     finally:
         model.train(was_training)
