@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.data.loader import build_eval_loader, build_train_loader
@@ -79,7 +80,15 @@ def build_data(cfg: DictConfig) -> tuple[Any, Any]:
 
 
 def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
-    """The task object, given the dataset metadata (class names and palette)."""
+    """The task object, given the dataset metadata (class names and palette).
+
+    A task whose constructor takes `meta` (instance segmentation: names and dataset category ids
+    for the evaluator) gets the whole object and no `loss`: its model computes its own losses.
+    """
+    if "meta" in inspect.signature(get_object(cfg.task._target_)).parameters:
+        # Through _partial_: instantiate's keyword arguments would be merged into OmegaConf,
+        # which cannot hold the DatasetMeta dataclass.
+        return instantiate(cfg.task, _partial_=True)(meta=meta)
     loss = instantiate(cfg.loss) if with_loss else None
     return instantiate(cfg.task, loss=loss, class_names=meta.classes, palette=meta.palette)
 
@@ -138,8 +147,8 @@ def train(cfg: DictConfig) -> float | None:
         return None
     if metrics:
         report(metrics, run_dir / "metrics.json")
-    if trainer_cfg.best_metric and metrics:
+    if trainer.cfg.best_metric and metrics:
         return trainer.state.best_value if trainer.state.best_value is not None else lookup_metric(
-            metrics, trainer_cfg.best_metric
+            metrics, trainer.cfg.best_metric
         )
     return None

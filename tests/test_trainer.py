@@ -111,6 +111,19 @@ def test_training_reduces_the_loss_and_writes_checkpoints(tmp_path):
         min(metrics["toy"]["mse"], last["trainer"]["best_value"]))
 
 
+def test_auto_best_metric_is_the_task_primary_metric(tmp_path):
+    task = ToyTask()
+    task.primary_metric = "toy/mse"
+    trainer = make_trainer(tmp_path / "a", task=task, best_metric="auto")
+    assert trainer.cfg.best_metric == "toy/mse"
+    trainer.fit()
+    assert (tmp_path / "a" / "checkpoints" / "best.pt").exists()
+    plain = make_trainer(tmp_path / "b", best_metric="auto")  # a task that names none: no best.pt
+    assert plain.cfg.best_metric is None
+    plain.fit()
+    assert not (tmp_path / "b" / "checkpoints" / "best.pt").exists()
+
+
 def test_keep_last_prunes_older_snapshots(tmp_path):
     make_trainer(tmp_path, max_iters=8, ckpt_every=2, eval_every=0, keep_last=2).fit()
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*.pt"))

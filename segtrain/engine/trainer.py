@@ -9,7 +9,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class TrainerConfig:
     channels_last: bool = False
     log_every: int = 20
     keep_last: int = 2
-    best_metric: str | None = "semantic/mIoU"
+    best_metric: str | None = "auto"  # auto: the task's primary_metric
     best_mode: str = "max"
     deterministic: bool = False
     ema: float | None = None
@@ -132,6 +132,8 @@ class Trainer:
         run_dir: Path,
         checkpoint_extra: dict[str, Any] | None = None,
     ) -> None:
+        if cfg.best_metric == "auto":
+            cfg = replace(cfg, best_metric=getattr(task, "primary_metric", None))
         self.cfg, self.task, self.optimizer = cfg, task, optimizer
         self.train_loader, self.val_loader = train_loader, val_loader
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"

@@ -19,6 +19,7 @@ class SemanticTask:
     """
 
     metric_families = ("semantic",)
+    primary_metric = "semantic/mIoU"  # what trainer.best_metric=auto selects best.pt by
 
     def __init__(
         self,
