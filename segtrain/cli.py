@@ -40,10 +40,18 @@ def _usage() -> str:
 
 def _run_guarded(fn: Callable[[DictConfig], object], cfg: DictConfig) -> object:
     """Run a command; turn expected user errors into a clear message and exit status 1."""
+    from hydra.errors import InstantiationException
+
     from segtrain.engine.trainer import TrainingInterrupted
 
     try:
-        return fn(cfg)
+        try:
+            return fn(cfg)
+        except InstantiationException as wrapped:
+            # Hydra wraps what a dataset/model constructor raised; the user needs the original.
+            if isinstance(wrapped.__cause__, USER_ERRORS):
+                raise wrapped.__cause__ from None
+            raise
     except TrainingInterrupted as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain.data.loader import build_eval_loader, build_train_loader
 from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resolve_device
@@ -73,8 +73,15 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
 
 
 def build_data(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate the train and val datasets of `cfg.dataset`."""
+    """Instantiate the train and val datasets of `cfg.dataset`.
+
+    A dataset config may leave `num_classes` null when the data defines it (a COCO JSON's
+    categories): it is filled in from the train set, so the model and the checkpoint get it.
+    """
     train_set = instantiate(cfg.dataset.train)
+    if cfg.dataset.get("num_classes", 0) is None:
+        with open_dict(cfg):
+            cfg.dataset.num_classes = len(train_set.meta.classes)
     val_set = instantiate(cfg.dataset.val) if cfg.dataset.get("val") is not None else None
     return train_set, val_set
 

@@ -90,6 +90,30 @@ def semantic_eval_transforms() -> None:
     return None
 
 
+def instance_train_transforms(
+    hflip_prob: float = 0.5,
+    scale_range: Sequence[float] | None = None,
+    crop_size: int | Sequence[int] | None = None,
+) -> v2.Compose:
+    """Random rescale -> pad and random crop to `crop_size` -> horizontal flip, for instance targets.
+
+    Boxes (`BoundingBoxes`) and masks bool (N, H, W) follow the image. After a rescale or crop,
+    instances whose box fell below 1 pixel are removed with their mask, label and iscrowd
+    entries (`SanitizeBoundingBoxes`). Mask R-CNN resizes its inputs itself, so the default is
+    the flip alone (torchvision's and detectron2's reference recipe).
+    """
+    steps = list(semantic_train_transforms(hflip_prob, scale_range, crop_size).transforms)
+    if scale_range is not None or crop_size is not None:
+        steps.append(v2.SanitizeBoundingBoxes(labels_getter=_instance_labels))
+    return v2.Compose(steps)
+
+
+def _instance_labels(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The per-instance tensors besides boxes and masks that sanitizing must filter."""
+    target = inputs[1]
+    return tuple(target[key] for key in ("labels", "iscrowd") if key in target)
+
+
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(size, int):
         size = (size, size)
