@@ -18,8 +18,11 @@ $(VENV)/.runtime: $(BIN)/python setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PIP_INSTALL) -e .
 	touch $@
 
+# lvis (the LVISEval reference for tests) pins nothing usable: installed without its deps
+# (opencv, matplotlib), which the tests stub out.
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP_INSTALL) -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --no-deps lvis==0.5.3
 	touch $@
 
 # Train the default U-Net on synthetic shapes, then evaluate its checkpoint as a user would.

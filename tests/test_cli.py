@@ -112,6 +112,18 @@ def test_eval_of_a_missing_checkpoint_names_the_path(tmp_path):
     assert "nowhere/last.pt" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("make_root", [False, True], ids=["missing", "empty"])
+def test_a_missing_or_empty_dataset_root_names_the_path_and_layout(tmp_path, make_root):
+    root = tmp_path / "coco"
+    if make_root:
+        root.mkdir()
+    result = run_cli("train", "dataset=coco", f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'r'}",
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    assert str(root) in result.stderr and "instances_train2017.json" in result.stderr
+    assert "Traceback" not in result.stderr and "Error in call to target" not in result.stderr
+
+
 def test_a_fresh_run_never_overwrites_an_earlier_checkpoint(trained_run):
     work, run_dir, _ = trained_run
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()
@@ -219,3 +231,63 @@ def test_score_of_an_unknown_task_lists_the_valid_ones(tmp_path):
     result = run_cli("score", "task=semantc", "gt=a", "pred=b", cwd=tmp_path)
     assert result.returncode != 0
     assert "task/semantc" in result.stderr and "semantic" in result.stderr
+
+
+def _write_coco_case(root, seed=0):
+    from test_metrics_coco import make_case
+
+    gt, results = make_case(seed, num_images=5)
+    (root / "instances.json").write_text(json.dumps(gt))
+    (root / "results.json").write_text(json.dumps(results))
+    return gt, results
+
+
+@pytest.mark.parametrize("area_from", ["bbox", "mask"])
+def test_score_instance_writes_cocoeval_numbers(tmp_path, area_from):
+    from test_metrics_coco import STAT_NAMES, reference_coco
+
+    gt, results = _write_coco_case(tmp_path)
+    out = tmp_path / "m.json"
+    result = run_cli("score", "task=instance", f"gt={tmp_path / 'instances.json'}",
+                     f"pred={tmp_path / 'results.json'}", f"area_from={area_from}", f"output={out}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    for iou_type in ("segm", "bbox"):
+        drop_bbox = area_from == "mask" and iou_type == "segm"
+        stats = reference_coco(gt, results, iou_type, drop_bbox=drop_bbox).stats
+        for name, value in zip(STAT_NAMES, stats):
+            got = metrics[iou_type][name]
+            assert (got is None) if value < 0 else got == pytest.approx(value * 100, abs=1e-6), name
+    assert "segm AP" in result.stdout and "cat10" in result.stdout and "AR100" in result.stdout
+
+
+def test_score_lvis_writes_the_lvis_numbers(tmp_path):
+    from test_metrics_lvis import make_lvis_case
+
+    from segtrain.metrics.lvis import score_lvis
+    from segtrain.metrics.report import write_metrics_json
+
+    gt, results = make_lvis_case(0, num_images=5)
+    (tmp_path / "lvis.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    expected = score_lvis(tmp_path / "lvis.json", tmp_path / "results.json")
+    write_metrics_json(expected, tmp_path / "expected.json")
+    out = tmp_path / "m.json"
+    result = run_cli("score", "task=lvis", f"gt={tmp_path / 'lvis.json'}",
+                     f"pred={tmp_path / 'results.json'}", "iou_types=segm", f"output={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = json.loads((tmp_path / "expected.json").read_text())
+    assert json.loads(out.read_text()) == {"segm": expected["segm"]}
+    assert "APr" in result.stdout
+
+
+def test_score_instance_with_an_unknown_image_names_the_entry(tmp_path):
+    _, results = _write_coco_case(tmp_path)
+    results[4]["image_id"] = 31337
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    result = run_cli("score", "task=instance", f"gt={tmp_path / 'instances.json'}",
+                     f"pred={tmp_path / 'results.json'}", f"output={tmp_path / 'm.json'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "entry 4 (image_id=31337" in result.stderr and "results.json" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "m.json").exists()

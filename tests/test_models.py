@@ -20,6 +20,8 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODEL_YAMLS = sorted(MODEL_DIR.glob("*.yaml"))
 LRASPP_FILE = "lraspp_mobilenet_v3_large-d234d4ea.pth"
 MOBILENET_FILE = "mobilenet_v3_large-8738ca79.pth"
+# Instance segmentation models follow torchvision's detection contract instead of {"out": ...}.
+INSTANCE_MODELS = {"maskrcnn", "maskrcnn_v2", "maskrcnn_small"}
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +45,13 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     return checkpoints
 
 
+def _model_cfg(path: Path):
+    """A model YAML without its Hydra `defaults` list (which selects the model's task)."""
+    cfg = OmegaConf.load(path)
+    cfg.pop("defaults", None)
+    return cfg
+
+
 def _outputs(model: torch.nn.Module, size=(64, 64), batch: int = 2) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, *size)
@@ -59,14 +68,14 @@ def _lraspp(num_classes: int = 21, **kwargs) -> torch.nn.Module:
 def test_every_torchvision_builder_has_a_config():
     from segtrain.models.torchvision_seg import MODELS
 
-    assert {path.stem for path in MODEL_YAMLS} == set(MODELS) | {"unet"}
+    assert {path.stem for path in MODEL_YAMLS} == set(MODELS) | {"unet"} | INSTANCE_MODELS
 
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
 def test_model_config_keys_are_the_constructor_keywords(path):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("# ") and len(lines[0]) > 10, "first line: what the model is"
-    cfg = OmegaConf.load(path)
+    cfg = _model_cfg(path)
     signature = inspect.signature(get_object(cfg._target_))
     assert set(cfg) - {"_target_"} <= set(signature.parameters)
     assert OmegaConf.to_container(cfg)["num_classes"] == "${dataset.num_classes}"
@@ -74,11 +83,17 @@ def test_model_config_keys_are_the_constructor_keywords(path):
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
 def test_model_config_instantiates_and_obeys_the_output_contract(path):
-    cfg = OmegaConf.merge({"dataset": {"num_classes": 5}}, {"model": OmegaConf.load(path)})
+    cfg = OmegaConf.merge({"dataset": {"num_classes": 5}}, {"model": _model_cfg(path)})
+    if path.stem in INSTANCE_MODELS:  # 64-px inputs and few proposals keep R50 fast on a CPU
+        cfg.model.merge_with({"min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_test": 50,
+                              "rpn_post_nms_top_n_test": 20})
     model = instantiate(cfg.model)
     names = [name for name, _ in model.named_parameters()]
     assert any(n.startswith("backbone.") for n in names)
     assert any(not n.startswith("backbone.") for n in names), "a head outside the backbone"
+    if path.stem in INSTANCE_MODELS:
+        _check_instance_outputs(model, num_classes=5)
+        return
     aux_on = bool(cfg.model.get("aux_loss", cfg.model.get("aux_head", False)))
     out = _outputs(model, size=(64, 48))
     assert set(out) == ({"out", "aux"} if aux_on else {"out"})
@@ -86,6 +101,20 @@ def test_model_config_instantiates_and_obeys_the_output_contract(path):
         assert logits.shape == (2, 5, 64, 48)
         assert logits.dtype == torch.float32
         assert torch.isfinite(logits).all()
+
+
+def _check_instance_outputs(model: torch.nn.Module, num_classes: int) -> None:
+    """Eval mode: per image boxes (N, 4), labels in 1..C-1, scores, masks (N, 1, H, W)."""
+    sizes = [(64, 48), (40, 64)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        outputs = model.eval()([torch.rand(3, *size) for size in sizes])
+    assert len(outputs) == len(sizes)
+    for output, size in zip(outputs, sizes):
+        n = len(output["scores"])
+        assert output["boxes"].shape == (n, 4) and output["masks"].shape == (n, 1, *size)
+        assert ((output["labels"] >= 1) & (output["labels"] < num_classes)).all()
+        assert torch.isfinite(output["boxes"]).all() and torch.isfinite(output["masks"]).all()
 
 
 def test_default_unet_is_small():

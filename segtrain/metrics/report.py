@@ -48,6 +48,29 @@ def format_semantic_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join([lines[0], rule, *lines[1:], rule, summary])
 
 
+def format_ap_table(metrics: Mapping[str, Any]) -> str:
+    """Per-class AP of each detection family (segm, bbox) side by side, then every summary number.
+
+    metrics: an instance evaluator's output, e.g. `{"segm": {..., "per_class": {name: {"AP"}}}}`.
+    """
+    families = [f for f in ("segm", "bbox") if isinstance(metrics.get(f), Mapping)]
+    if not families:
+        raise KeyError(f"no detection metrics (segm, bbox) in a dict with keys {sorted(metrics)}")
+    names = list(dict.fromkeys(n for f in families for n in metrics[f].get("per_class", {})))
+    width = max([len("class"), *(len(str(name)) for name in names)])
+    header = f"{'class':<{width}}" + "".join(f"  {f + ' AP':>8}" for f in families)
+    rows = [
+        f"{str(name):<{width}}"
+        + "".join(f"  {_fmt(metrics[f].get('per_class', {}).get(name, {}).get('AP')):>8}" for f in families)
+        for name in names
+    ]
+    keys = list(dict.fromkeys(k for f in families for k in _scalars(metrics[f])))
+    summary = [f"{'':<5}" + "".join(f"  {k:>6}" for k in keys)]
+    summary += [f"{f:<5}" + "".join(f"  {_fmt(metrics[f].get(k)):>6}" for k in keys) for f in families]
+    rule = "-" * max(len(header), len(summary[0]))
+    return "\n".join([header, rule, *rows, rule, *summary])
+
+
 def _scalars(family: Mapping[str, Any]) -> list[str]:
     return [k for k, v in family.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 

@@ -1,0 +1,190 @@
+"""Mask R-CNN builders (torchvision) for any ResNet or MobileNetV3 FPN backbone, weights loaded offline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, mobilenet_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d
+
+from segtrain.models.weights import load_matching, load_state_dict_from_spec, resolve_weights
+
+log = logging.getLogger(__name__)
+
+RESNETS = {name: getattr(resnet, name) for name in ("resnet18", "resnet34", "resnet50", "resnet101")}
+BACKBONES = (*RESNETS, "mobilenet_v3_large")
+# State-dict prefixes whose shape depends on the number of classes: re-initialised when a
+# checkpoint (e.g. COCO's 91 classes) was trained for another class count.
+PREDICTOR_HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+_MAX_TRAINABLE = {"mobilenet_v3_large": 6}  # torchvision's count of MobileNetV3 stages; ResNets: 5
+
+
+def build_maskrcnn(
+    num_classes: int,
+    backbone: str = "resnet50",
+    version: int = 1,
+    trainable_layers: int | None = 3,
+    weights: str | None = None,
+    weights_backbone: str | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_batch_size_per_image: int = 256,
+    box_batch_size_per_image: int = 512,
+    representation_size: int = 1024,
+    mask_head_channels: int = 256,
+    box_score_thresh: float = 0.05,
+    box_nms_thresh: float = 0.5,
+    box_detections_per_img: int = 100,
+) -> MaskRCNN:
+    """torchvision's Mask R-CNN with an FPN over `backbone` (resnet18/34/50/101, mobilenet_v3_large).
+
+    `num_classes` counts the background (torchvision's convention: labels 1..num_classes-1 are
+    things). In train mode `model(images, targets)` returns the loss dict (loss_classifier,
+    loss_box_reg, loss_mask, loss_objectness, loss_rpn_box_reg); in eval mode `model(images)`
+    returns per image {"boxes" float (N, 4) XYXY, "labels" int64 (N,), "scores" float (N,),
+    "masks" float (N, 1, H, W) probabilities in [0, 1] at the input image size}. Images are float
+    (3, H, W) in [0, 1]; the model resizes (min_size/max_size) and normalises them itself.
+
+    version 1 is the original recipe (FrozenBatchNorm in a pretrained backbone, 2-layer MLP box
+    head); version 2 is torchvision's improved recipe (BatchNorm throughout, 2-conv RPN head,
+    4-conv + FC box head, normalised mask head). min_size, max_size and the rpn_*/box_* keywords
+    are passed to torchvision's MaskRCNN under the same names (flat, so that the YAML keys equal
+    them); representation_size is the box head's width, mask_head_channels the mask head's.
+
+    `weights` (a whole-model checkpoint, e.g. "MaskRCNN_ResNet50_FPN_Weights.COCO_V1") and
+    `weights_backbone` (ImageNet classifier weights, e.g. "ResNet50_Weights.IMAGENET1K_V1") are
+    local files or torchvision names found in the torch hub cache; nothing is downloaded. When the
+    checkpoint was trained for another class count, only the predictor heads are re-initialised
+    (logged). `trainable_layers` (0..5, the stages left unfrozen from the top) applies only when
+    starting from pretrained weights; from scratch every layer trains, as in torchvision.
+    """
+    _validate(num_classes, backbone, version)
+    # Find the files before the (slow) construction, so that a missing one fails at once.
+    for spec, option in ((weights, "model.weights"), (weights_backbone, "model.weights_backbone")):
+        if spec is not None:
+            resolve_weights(spec, option)
+    pretrained = weights is not None or weights_backbone is not None
+    max_trainable = _MAX_TRAINABLE.get(backbone, 5)
+    if not pretrained or trainable_layers is None:
+        trainable = max_trainable if not pretrained else 3
+    else:
+        trainable = int(trainable_layers)
+        if not 0 <= trainable <= max_trainable:
+            raise ValueError(f"model.trainable_layers={trainable_layers}; expected 0..{max_trainable} "
+                             f"for backbone {backbone}")
+    # torchvision's choice: frozen statistics in a pretrained v1 backbone, batch statistics
+    # otherwise (v2 always, and any from-scratch backbone).
+    frozen = version == 1 and pretrained
+    fpn = _fpn_backbone(backbone, trainable, frozen, version)
+    model = MaskRCNN(
+        fpn,
+        num_classes=None,  # the predictors below carry it
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=_anchor_generator(backbone),
+        rpn_head=_rpn_head(fpn.out_channels, backbone, version),
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_head=_box_head(fpn.out_channels, representation_size, version),
+        box_predictor=FastRCNNPredictor(representation_size, num_classes),
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_score_thresh=box_score_thresh,
+        box_nms_thresh=box_nms_thresh,
+        box_detections_per_img=box_detections_per_img,
+        mask_head=_mask_head(fpn.out_channels, mask_head_channels, version),
+        mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
+    )
+    if weights is not None:
+        if weights_backbone is not None:
+            log.warning("maskrcnn: model.weights=%s already holds the backbone; ignoring "
+                        "model.weights_backbone=%s", weights, weights_backbone)
+        state_dict = load_state_dict_from_spec(weights, option="model.weights")
+        load_matching(model, _fit_batch_counters(model, state_dict), reinit_prefixes=PREDICTOR_HEADS,
+                      source=f"model.weights={weights}")
+    elif weights_backbone is not None:
+        _load_backbone(model, backbone, weights_backbone)
+    return model
+
+
+def _validate(num_classes: int, backbone: str, version: int) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f"model.backbone={backbone!r}; expected one of {', '.join(BACKBONES)}")
+    if version not in (1, 2):
+        raise ValueError(f"model.version={version!r}; expected 1 (original recipe) or 2 "
+                         "(torchvision's v2 recipe)")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"maskrcnn: num_classes={num_classes!r}; expected an integer >= 2 "
+                         "(the background plus at least one thing class)")
+
+
+def _fpn_backbone(name: str, trainable: int, frozen: bool, version: int) -> nn.Module:
+    norm = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+    if name == "mobilenet_v3_large":
+        # torchvision's MobileNetV3 FPN: the last two stages (strides 16 and 32) plus a pool level.
+        return mobilenet_backbone(backbone_name=name, weights=None, fpn=True, norm_layer=norm,
+                                  trainable_layers=trainable)
+    body = RESNETS[name](weights=None, norm_layer=norm)
+    # v2 normalises the FPN's own convolutions as well.
+    return _resnet_fpn_extractor(body, trainable, norm_layer=nn.BatchNorm2d if version == 2 else None)
+
+
+def _anchor_generator(backbone: str) -> AnchorGenerator:
+    if backbone == "mobilenet_v3_large":  # 3 coarse levels share every size (torchvision's choice)
+        return AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    return AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+
+
+def _rpn_head(channels: int, backbone: str, version: int) -> RPNHead:
+    anchors = 15 if backbone == "mobilenet_v3_large" else 3
+    return RPNHead(channels, anchors, conv_depth=2 if version == 2 else 1)
+
+
+def _box_head(channels: int, representation_size: int, version: int) -> nn.Module:
+    if version == 2:
+        return FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [representation_size],
+                                  norm_layer=nn.BatchNorm2d)
+    return TwoMLPHead(channels * 7 * 7, representation_size)
+
+
+def _mask_head(channels: int, width: int, version: int) -> MaskRCNNHeads:
+    norm = nn.BatchNorm2d if version == 2 else None
+    return MaskRCNNHeads(channels, [width] * 4, 1, norm_layer=norm)
+
+
+def _fit_batch_counters(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Drop BatchNorm's `num_batches_tracked` where the model's FrozenBatchNorm2d has none."""
+    own = model.state_dict()
+    return {key: value for key, value in state_dict.items()
+            if key in own or not key.endswith("num_batches_tracked")}
+
+
+def _load_backbone(model: MaskRCNN, backbone: str, weights_backbone: str) -> None:
+    """ImageNet classifier weights into `model.backbone.body`; the classifier itself is dropped."""
+    state_dict = load_state_dict_from_spec(weights_backbone, option="model.weights_backbone")
+    # The FPN body keeps torchvision's classifier names: ResNet's stages as they are,
+    # MobileNetV3's `features.<i>` as `<i>`.
+    prefix = "features." if backbone == "mobilenet_v3_large" else ""
+    renamed = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    extra = tuple(key for key in state_dict if not key.startswith(prefix))
+    if extra:
+        log.info("model.weights_backbone=%s: ignoring %d classifier keys", weights_backbone, len(extra))
+    load_matching(model.backbone.body, _fit_batch_counters(model.backbone.body, renamed),
+                  ignore_prefixes=("fc.", "avgpool."),
+                  source=f"model.weights_backbone={weights_backbone}")
+
