@@ -76,11 +76,13 @@ def evaluate(cfg: DictConfig) -> dict:
         val_set, run_cfg.data.val_batch_size, task.collate, run_cfg.data.num_workers,
         pin_memory(run_cfg, device),
     )
-    metrics, _ = evaluate_model(
-        model, task, loader, task.build_evaluator(), device, run_cfg.trainer.precision
-    )
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
-    report(metrics, output if output.suffix == ".json" else output / "metrics.json")
+    metrics_path = output if output.suffix == ".json" else output / "metrics.json"
+    metrics, _ = evaluate_model(
+        model, task, loader, task.build_evaluator(metrics_path.parent), device,
+        run_cfg.trainer.precision,
+    )
+    report(metrics, metrics_path)
     return metrics
 
 

@@ -291,3 +291,29 @@ def test_score_instance_with_an_unknown_image_names_the_entry(tmp_path):
     assert result.returncode == 1
     assert "entry 4 (image_id=31337" in result.stderr and "results.json" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "m.json").exists()
+
+
+INSTANCE_TINY = [
+    "model=maskrcnn_small", "dataset=synthetic_instance", "dataset.train.num_samples=8",
+    "dataset.val.num_samples=4", "dataset.train.image_size=64", "dataset.val.image_size=64",
+    "model.min_size=64", "model.max_size=64", "data.batch_size=2", "data.num_workers=0",
+    "trainer.max_iters=2", "trainer.eval_every=2", "trainer.device=cpu", "trainer.vis_images=1",
+]
+
+
+def test_instance_train_then_eval_reproduces_mask_ap_and_writes_results(tmp_path):
+    run_dir = tmp_path / "mrcnn"
+    trained = run_cli("train", *INSTANCE_TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"segm", "bbox"} <= metrics.keys() and "AP" in metrics["segm"]
+    results = json.loads((run_dir / "coco_instances_results.json").read_text())
+    assert all({"image_id", "category_id", "segmentation", "score"} <= r.keys() for r in results)
+    assert (run_dir / "checkpoints" / "best.pt").exists()  # best_metric=auto → segm/AP
+
+    evaluated = run_cli("eval", f"ckpt={run_dir / 'checkpoints' / 'last.pt'}",
+                        f"output={tmp_path / 'eval'}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again == metrics
+    assert (tmp_path / "eval" / "coco_instances_results.json").exists()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -215,13 +213,21 @@ def test_evaluation_loop_feeds_the_evaluator_and_visualizes(task, dataset):
     assert not torch.equal(grid[:, :64, 64:128], grid[:, :64, :64]), "detections are drawn"
 
 
-def test_build_evaluator_asks_for_coco_segm_and_bbox_with_mask_areas(task, monkeypatch):
-    calls = []
-    fake = types.ModuleType("segtrain.metrics.coco")
-    fake.COCOEvaluator = lambda *args, **kwargs: calls.append((args, kwargs)) or "evaluator"
-    monkeypatch.setitem(sys.modules, "segtrain.metrics.coco", fake)
-    assert task.build_evaluator() == "evaluator"
-    assert calls == [((task.meta,), {"gt": None, "iou_types": ("segm", "bbox"), "area_from": "mask"})]
+def test_build_evaluator_is_coco_with_mask_areas_and_a_results_file(task, tmp_path):
+    from segtrain.metrics.coco import COCOEvaluator
+
+    evaluator = task.build_evaluator(tmp_path)
+    assert isinstance(evaluator, COCOEvaluator)
+    assert evaluator.area_from == "mask" and tuple(evaluator.iou_types) == ("segm", "bbox")
+    assert evaluator.results_path == tmp_path / "coco_instances_results.json"
+    assert task.build_evaluator().results_path is None
+
+
+def test_lvis_evaluator_needs_the_lvis_json(dataset):
+    with pytest.raises(ValueError, match="dataset.gt_json"):
+        InstanceTask(num_classes=6, meta=dataset.meta, evaluator="lvis")
+    with pytest.raises(ValueError, match="expected one of coco, lvis"):
+        InstanceTask(num_classes=6, meta=dataset.meta, evaluator="voc")
 
 
 # -------------------------------------------------------------------------------- config

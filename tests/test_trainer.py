@@ -69,7 +69,7 @@ class ToyTask:
     def predict(self, model, batch):
         return model(batch["x"])
 
-    def build_evaluator(self):
+    def build_evaluator(self, output_dir=None):
         return MSEEvaluator()
 
     def visualize(self, batch, predictions, max_images=4):

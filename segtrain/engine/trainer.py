@@ -329,7 +329,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Evaluate the raw weights (and the EMA weights under 'ema' when kept)."""
-        evaluator = self.task.build_evaluator()
+        evaluator = self.task.build_evaluator(self.run_dir if is_main_process() else None)
         metrics, kept = evaluate_model(
             self.forward_model, self.task, self.val_loader, evaluator, self.device,
             self.cfg.precision, keep_first=1 if self.cfg.vis_images else 0,

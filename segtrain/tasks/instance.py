@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from segtrain.data.meta import DatasetMeta, default_palette
 
 # The loss dict of torchvision's Mask R-CNN in train mode.
+EVALUATORS = ("coco", "lvis")
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 _VIS_SCORE = 0.5  # detections drawn in TensorBoard images
 
@@ -37,11 +39,13 @@ class InstanceTask:
         loss_weights: Mapping[str, float] | None = None,
         mask_threshold: float = 0.5,
         gt_json: str | None = None,
+        evaluator: str = "coco",
     ) -> None:
         """`num_classes` counts the background; `meta` gives class names, colours and dataset
         category ids (generic names when None); `loss_weights` multiplies named parts of the
         model's loss dict (others weigh 1); `gt_json` is COCO-format ground truth for the
-        evaluator (None: built from the batches' targets)."""
+        evaluator (None: built from the batches' targets); `evaluator` is "coco" or "lvis" (LVIS's
+        federated rules, which need `gt_json`)."""
         if isinstance(meta, Mapping):
             meta = DatasetMeta.from_dict(dict(meta))
         if meta is None:
@@ -56,11 +60,16 @@ class InstanceTask:
         if unknown:
             raise KeyError(f"task.loss_weights has unknown losses {unknown}; expected some of "
                            f"{', '.join(LOSS_NAMES)}")
+        if evaluator not in EVALUATORS:
+            raise ValueError(f"task.evaluator={evaluator!r}; expected one of {', '.join(EVALUATORS)}")
+        if evaluator == "lvis" and gt_json is None:
+            raise ValueError("task.evaluator=lvis needs the LVIS JSON: set dataset.gt_json")
         if not 0.0 < mask_threshold < 1.0:
             raise ValueError(f"task.mask_threshold={mask_threshold}; expected a probability in (0, 1)")
         self.num_classes, self.meta = num_classes, meta
         self.loss_weights = {name: float(value) for name, value in weights.items()}
         self.mask_threshold, self.gt_json = float(mask_threshold), gt_json
+        self.evaluator = evaluator
 
     # ------------------------------------------------------------------------------ batching
     def collate(self, samples: list[tuple[Any, dict]]) -> dict[str, Any]:
@@ -151,11 +160,18 @@ class InstanceTask:
         return {"masks": probs > self.mask_threshold, "boxes": boxes,
                 "labels": output["labels"].long(), "scores": output["scores"].float()}
 
-    def build_evaluator(self) -> Any:
-        """COCO mask and box AP/AR (pycocotools' definitions), areas from the masks."""
-        from segtrain.metrics.coco import COCOEvaluator  # lazily: pycocotools is heavy
-
-        return COCOEvaluator(self.meta, gt=self.gt_json, iou_types=("segm", "bbox"), area_from="mask")
+    def build_evaluator(self, output_dir: str | Path | None = None) -> Any:
+        """Mask and box AP/AR, areas from the masks (detectron2's convention); COCO's or LVIS's
+        rules. With `output_dir`, the detections are also written there as a standard results
+        JSON (`coco_instances_results.json` / `lvis_instances_results.json`)."""
+        # Imported here: pycocotools is heavy and only evaluation needs it.
+        if self.evaluator == "lvis":
+            from segtrain.metrics.lvis import LVISEvaluator as cls
+        else:
+            from segtrain.metrics.coco import COCOEvaluator as cls
+        results = Path(output_dir) / f"{self.evaluator}_instances_results.json" if output_dir else None
+        return cls(self.meta, gt=self.gt_json, iou_types=("segm", "bbox"), area_from="mask",
+                   results_path=results)
 
     # -------------------------------------------------------------------------------- visuals
     def visualize(self, batch: dict[str, Any], predictions: list[dict[str, torch.Tensor]],

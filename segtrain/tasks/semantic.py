@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,7 +147,8 @@ class SemanticTask:
         """Predicted classes, int64 (N, H, W) at the batch's (padded) size."""
         return self.logits(model, self.normalize(batch["images"])).argmax(dim=1)
 
-    def build_evaluator(self) -> SemanticEvaluator:
+    def build_evaluator(self, output_dir: str | Path | None = None) -> SemanticEvaluator:
+        """The confusion-matrix evaluator; it writes no per-sample files, so `output_dir` is unused."""
         return SemanticEvaluator(self.num_classes, self.ignore_index, self.class_names)
 
     # -------------------------------------------------------------------------------- visuals
