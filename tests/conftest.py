@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -55,3 +56,24 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
         [sys.executable, "-m", "segtrain", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Any attempt to fetch weights over the network fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network download attempted: {args}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub checkpoint cache under tmp_path; returns its `checkpoints` folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    assert checkpoints == tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    return checkpoints

@@ -15,27 +15,12 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from segtrain.models.maskrcnn import BACKBONES, PREDICTOR_HEADS, build_maskrcnn
 
+pytestmark = pytest.mark.usefixtures("no_downloads")  # any weight download fails the test
+
 # 64-pixel inputs and a handful of proposals: any backbone runs in about a second on a CPU.
 TINY = {"min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_train": 50, "rpn_post_nms_top_n_train": 20,
         "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 16,
         "representation_size": 64, "mask_head_channels": 16}
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network download attempted: {args}")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    return checkpoints
 
 
 def _hub_file(name: str) -> str:

@@ -16,33 +16,14 @@ from segtrain.models import UNet, build_torchvision_segmentation, load_state_dic
 from segtrain.models.unet import _group_count
 from segtrain.models.weights import load_matching, resolve_weights
 
+pytestmark = pytest.mark.usefixtures("no_downloads")  # any weight download fails the test
+
 MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODEL_YAMLS = sorted(MODEL_DIR.glob("*.yaml"))
 LRASPP_FILE = "lraspp_mobilenet_v3_large-d234d4ea.pth"
 MOBILENET_FILE = "mobilenet_v3_large-8738ca79.pth"
 # Instance segmentation models follow torchvision's detection contract instead of {"out": ...}.
 INSTANCE_MODELS = {"maskrcnn", "maskrcnn_v2", "maskrcnn_small"}
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    """Any attempt to fetch weights over the network fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network download attempted: {args}")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty torch hub checkpoint cache under tmp_path; returns its `checkpoints` folder."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    assert checkpoints == tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    return checkpoints
 
 
 def _model_cfg(path: Path):

@@ -354,9 +354,11 @@ def decode_masks(segs: Sequence[Any], height: int, width: int) -> torch.Tensor:
             rles.append(mask_utils.frPyObjects(seg, height, width))
         else:
             rles.append(seg)
-    # One decode call for the whole image: uint8 (H, W, N) in Fortran order.
+    # One decode call for the whole image: uint8 (H, W, N) in Fortran order. The (N, H, W) view
+    # keeps that column-major layout: making it contiguous would cost a third of the decode, and
+    # RLE encoding (the evaluator) wants exactly this layout back.
     masks = torch.from_numpy(mask_utils.decode(rles))
-    return masks.permute(2, 0, 1).contiguous().view(torch.bool)
+    return masks.permute(2, 0, 1).view(torch.bool)
 
 
 def _polygon_areas(parts: list[list[float]]) -> np.ndarray:

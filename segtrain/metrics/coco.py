@@ -17,7 +17,7 @@ import copy
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,34 @@ def _check_mask_size(image: dict, prediction: dict) -> None:
         )
 
 
-class COCOEvaluator(Evaluator):
+class InstanceEvaluator(Evaluator):
+    """What the COCO and LVIS evaluators share: options, the ground-truth source, results file."""
+
+    def __init__(self, meta: DatasetMeta, gt: str | Path | dict | None, iou_types: Iterable[str],
+                 area_from: str, results_path: str | Path | None) -> None:
+        super().__init__()
+        self.meta = meta
+        self.iou_types = _check_options(iou_types, area_from)
+        self.area_from = area_from
+        self.results_path = Path(results_path) if results_path is not None else None
+        if isinstance(gt, (str, Path)) and not Path(gt).is_file():
+            raise FileNotFoundError(f"ground-truth file not found: {gt}")
+        self._gt_source = gt
+
+    @staticmethod
+    def _per_image(batch: dict[str, Any], predictions: Sequence[dict]) -> Iterator[tuple[dict, dict]]:
+        """(target, prediction) of each image of a batch; batch["targets"] holds the targets."""
+        targets = batch["targets"]
+        if len(targets) != len(predictions):
+            raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions in a batch")
+        return zip(targets, predictions)
+
+    def _write_results(self, results: list[dict]) -> None:
+        if self.results_path is not None and is_main_process():
+            write_results(results, self.results_path)
+
+
+class COCOEvaluator(InstanceEvaluator):
     """COCO mask/box AP and AR of instance predictions, gathered across ranks.
 
     gt: a COCO instances JSON (path or dict) to evaluate against (the processed images only), or
@@ -313,17 +340,10 @@ class COCOEvaluator(Evaluator):
     def __init__(self, meta: DatasetMeta, gt: str | Path | dict | None = None,
                  iou_types: Iterable[str] = IOU_TYPES, area_from: str = "mask",
                  max_dets: Sequence[int] = (1, 10, 100), results_path: str | Path | None = None) -> None:
-        super().__init__()
-        self.meta = meta
-        self.iou_types = _check_options(iou_types, area_from)
-        self.area_from = area_from
+        super().__init__(meta, gt, iou_types, area_from, results_path)
         self.max_dets = tuple(int(m) for m in max_dets)
         if len(self.max_dets) != 3:
             raise ValueError(f"max_dets={list(max_dets)}; expected three values as COCO's (1, 10, 100)")
-        self.results_path = Path(results_path) if results_path is not None else None
-        if isinstance(gt, (str, Path)) and not Path(gt).is_file():
-            raise FileNotFoundError(f"ground-truth file not found: {gt}")
-        self._gt_source = gt
         self._coco_gt: COCO | None = None
         self.reset()
 
@@ -334,10 +354,7 @@ class COCOEvaluator(Evaluator):
 
     def process(self, batch: dict[str, Any], predictions: Sequence[dict]) -> None:
         """batch["targets"]: per-image target dicts; predictions: per-image prediction dicts."""
-        targets = batch["targets"]
-        if len(targets) != len(predictions):
-            raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions in a batch")
-        for target, prediction in zip(targets, predictions):
+        for target, prediction in self._per_image(batch, predictions):
             image_id = int(target["image_id"])
             if self._gt_source is None:
                 image, annotations = targets_to_annotations(target, self.meta)
@@ -366,8 +383,7 @@ class COCOEvaluator(Evaluator):
         results = state["results"]
         coco_gt = self._ground_truth(state)
         validate_results(results, coco_gt.dataset, "predictions")
-        if self.results_path is not None and is_main_process():
-            write_results(results, self.results_path)
+        self._write_results(results)
         image_ids = None if self._gt_source is None else [img["id"] for img in state["images"]]
         return evaluate_coco(coco_gt, results, self.iou_types, self.area_from, self.max_dets,
                              image_ids)

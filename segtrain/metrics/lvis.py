@@ -26,9 +26,9 @@ import pycocotools.mask as mask_util
 from pycocotools.cocoeval import COCOeval
 
 from segtrain.data.meta import DatasetMeta
-from segtrain.metrics.base import Evaluator
 from segtrain.metrics.coco import (
     IOU_TYPES,
+    InstanceEvaluator,
     _check_options,
     _mean_valid,
     _percent,
@@ -39,9 +39,7 @@ from segtrain.metrics.coco import (
     quiet,
     result_iou_types,
     validate_results,
-    write_results,
 )
-from segtrain.utils.distributed import is_main_process
 
 MAX_DETS = 300
 FREQUENCIES = ("r", "c", "f")
@@ -194,7 +192,7 @@ def score_lvis(gt_json: str | Path, results_json: str | Path, iou_types: Iterabl
     return evaluate_lvis(gt, results, iou_types, area_from)
 
 
-class LVISEvaluator(Evaluator):
+class LVISEvaluator(InstanceEvaluator):
     """LVIS mask/box AP (federated rules) of instance predictions against an LVIS v1 JSON.
 
     Only the processed images are evaluated. results_path: where to write the results JSON.
@@ -202,17 +200,10 @@ class LVISEvaluator(Evaluator):
 
     def __init__(self, meta: DatasetMeta, gt: str | Path | dict, iou_types: Iterable[str] = IOU_TYPES,
                  area_from: str = "mask", results_path: str | Path | None = None) -> None:
-        super().__init__()
-        self.meta = meta
-        self.iou_types = _check_options(iou_types, area_from)
-        self.area_from = area_from
-        self.results_path = Path(results_path) if results_path is not None else None
         if gt is None:
             raise ValueError("LVISEvaluator needs gt= an LVIS JSON (negative and not-exhaustive "
                              "category lists exist only there)")
-        if isinstance(gt, (str, Path)) and not Path(gt).is_file():
-            raise FileNotFoundError(f"ground-truth file not found: {gt}")
-        self._gt_source = gt
+        super().__init__(meta, gt, iou_types, area_from, results_path)
         self._gt: dict | None = None
         self.reset()
 
@@ -222,10 +213,7 @@ class LVISEvaluator(Evaluator):
 
     def process(self, batch: dict[str, Any], predictions: Sequence[dict]) -> None:
         """batch["targets"]: per-image target dicts (only `image_id` is read); predictions: per image."""
-        targets = batch["targets"]
-        if len(targets) != len(predictions):
-            raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions in a batch")
-        for target, prediction in zip(targets, predictions):
+        for target, prediction in self._per_image(batch, predictions):
             image_id = int(target["image_id"])
             self.image_ids.append(image_id)
             self.results.extend(predictions_to_results(image_id, prediction, self.meta))
@@ -235,6 +223,5 @@ class LVISEvaluator(Evaluator):
             self._gt = _load_lvis_gt(self._gt_source)
         results = state["results"]
         validate_results(results, self._gt, "predictions")
-        if self.results_path is not None and is_main_process():
-            write_results(results, self.results_path)
+        self._write_results(results)
         return evaluate_lvis(self._gt, results, self.iou_types, self.area_from, state["image_ids"])
