@@ -41,6 +41,7 @@ lint: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/semantic_metric.py
+	$(BIN)/python bench/instance_loader.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
