@@ -43,7 +43,7 @@ def _run_guarded(fn: Callable[[DictConfig], object], cfg: DictConfig) -> object:
     """Run a command; turn expected user errors into a clear message and exit status 1."""
     from hydra.errors import InstantiationException
 
-    from segtrain.engine.trainer import TrainingInterrupted
+    from segtrain.errors import TrainingInterrupted
 
     try:
         try:
@@ -81,7 +81,7 @@ def eval_app(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="score")
 def score_app(cfg: DictConfig) -> None:
-    from segtrain.evaluate import score
+    from segtrain.score import score
 
     _run_guarded(score, cfg)
 

@@ -1,4 +1,4 @@
-"""`segtrain eval` (a checkpoint on its run's validation data) and `segtrain score` (files only)."""
+"""`segtrain eval`: a checkpoint on its run's validation data."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from segtrain.data.loader import build_eval_loader
 from segtrain.data.meta import DatasetMeta
 from segtrain.engine.evaluation import evaluate_model
 from segtrain.engine.trainer import resolve_device
-from segtrain.train import build_task, pin_memory, report
+from segtrain.metrics.report import report
+from segtrain.train import build_task, pin_memory
 from segtrain.utils.checkpoint import check_config_targets, load_checkpoint, load_model_state
 
 log = logging.getLogger("segtrain.eval")
 
 # Keys of eval.yaml itself; every other command-line override edits the checkpoint's config.
 EVAL_KEYS = {"ckpt", "output", "use_ema"}
-SCORE_TASKS = ("semantic", "instance", "lvis")
 
 
 def _command_line_keys() -> list[str]:
@@ -83,38 +83,4 @@ def evaluate(cfg: DictConfig) -> dict:
         run_cfg.trainer.precision,
     )
     report(metrics, metrics_path)
-    return metrics
-
-
-def score(cfg: DictConfig) -> dict:
-    """Score prediction files against ground truth in the dataset's standard format."""
-    # `task=` picks an option of the task group (so Hydra lists the valid ones on a typo);
-    # the scorer goes by the option's name, not by the training-time task object it holds.
-    task = HydraConfig.get().runtime.choices["task"]
-    if task not in SCORE_TASKS:
-        raise ValueError(f"score task={task!r}; valid tasks: {', '.join(SCORE_TASKS)}")
-    if task == "semantic":
-        from segtrain.metrics.semantic import score_semantic_dirs
-
-        if cfg.num_classes is None:
-            raise ValueError("score task=semantic needs num_classes=N (the number of classes)")
-        class_names = list(cfg.class_names) if cfg.class_names is not None else None
-        metrics = score_semantic_dirs(
-            cfg.gt, cfg.pred, int(cfg.num_classes), int(cfg.ignore_index), class_names
-        )
-    else:
-        from segtrain.metrics.coco import score_coco
-        from segtrain.metrics.lvis import score_lvis
-        from segtrain.metrics.report import format_ap_table
-
-        # The results file as given: by default its boxes place detections in size ranges, as
-        # pycocotools' loadRes (and LVISResults) do; area_from=mask follows detectron2/MMDetection.
-        iou_types = cfg.iou_types
-        if iou_types is not None:
-            iou_types = [iou_types] if isinstance(iou_types, str) else list(iou_types)
-        scorer = score_coco if task == "instance" else score_lvis
-        metrics = scorer(cfg.gt, cfg.pred, iou_types, area_from=cfg.area_from)
-        print(format_ap_table(metrics))
-    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
-    report(metrics, output if output.suffix == ".json" else output / "metrics.json")
     return metrics

@@ -17,11 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain.data.loader import build_eval_loader, build_train_loader
 from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resolve_device
-from segtrain.metrics.report import (
-    format_metrics_summary,
-    format_semantic_table,
-    write_metrics_json,
-)
+from segtrain.metrics.report import report
 from segtrain.optim import build_param_groups
 from segtrain.utils.checkpoint import check_config_targets, load_checkpoint
 from segtrain.utils.distributed import is_main_process
@@ -102,15 +98,6 @@ def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
 
 def pin_memory(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
-
-
-def report(metrics: dict, path: Path) -> None:
-    """Print the tables and write metrics.json."""
-    if "semantic" in metrics:
-        print(format_semantic_table(metrics))
-    print(format_metrics_summary(metrics))
-    write_metrics_json(metrics, path)
-    print(f"metrics written to {path}")
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -262,6 +262,20 @@ def test_score_instance_writes_cocoeval_numbers(tmp_path, area_from):
     assert "segm AP" in result.stdout and "cat10" in result.stdout and "AR100" in result.stdout
 
 
+def test_score_instance_never_imports_torch(tmp_path):
+    # Start-up is part of score's speed (compared with a plain pycocotools script): 1.8 s of torch.
+    _write_coco_case(tmp_path)
+    code = ("import sys\nfrom segtrain.cli import main\n"
+            f"status = main(['score', 'task=instance', 'gt={tmp_path / 'instances.json'}', "
+            f"'pred={tmp_path / 'results.json'}', 'output={tmp_path / 'm.json'}', "
+            f"'hydra.run.dir={tmp_path / 'run'}'])\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.json").exists() and result.stdout.strip().endswith("no torch"), result.stdout
+
+
 def test_score_lvis_writes_the_lvis_numbers(tmp_path):
     from test_metrics_lvis import make_lvis_case
 

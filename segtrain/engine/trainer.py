@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from segtrain import __version__
 from segtrain.engine.evaluation import autocast_context, evaluate_model
 from segtrain.engine.monitor import Monitor
+from segtrain.errors import TrainingInterrupted
 from segtrain.utils.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from segtrain.utils.distributed import is_main_process
 
@@ -84,14 +85,6 @@ class TrainState:
     best_step: int | None = None
     skipped_steps: int = 0
     last_metrics: dict = field(default_factory=dict)
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was written. Carries the exit status to use."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -1,4 +1,11 @@
-"""Evaluators (reset / process / compute) and the metrics report: tables and metrics.json."""
+"""Evaluators (reset / process / compute) and the metrics report: tables and metrics.json.
+
+The semantic names load on first use (PEP 562): importing `segtrain.metrics.coco` for
+`segtrain score` must not pull in torch through this package.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from segtrain.metrics.base import Evaluator
 from segtrain.metrics.report import (
@@ -6,20 +13,20 @@ from segtrain.metrics.report import (
     format_semantic_table,
     write_metrics_json,
 )
-from segtrain.metrics.semantic import (
-    SemanticEvaluator,
-    compute_confusion_matrix,
-    score_semantic_dirs,
-    summarize_confusion_matrix,
-)
+
+_SEMANTIC = ("SemanticEvaluator", "compute_confusion_matrix", "score_semantic_dirs",
+             "summarize_confusion_matrix")
 
 __all__ = [
     "Evaluator",
-    "SemanticEvaluator",
-    "compute_confusion_matrix",
     "format_metrics_summary",
     "format_semantic_table",
-    "score_semantic_dirs",
-    "summarize_confusion_matrix",
     "write_metrics_json",
+    *_SEMANTIC,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SEMANTIC:
+        return getattr(import_module("segtrain.metrics.semantic"), name)
+    raise AttributeError(f"module 'segtrain.metrics' has no attribute {name!r}")

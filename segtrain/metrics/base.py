@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from segtrain.utils.distributed import all_gather_objects, all_reduce_sum, is_distributed
+
+if TYPE_CHECKING:  # torch is not imported at run time: `segtrain score` stays light
+    import torch
 
 
 class Evaluator:

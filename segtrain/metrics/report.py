@@ -120,3 +120,12 @@ def write_metrics_json(metrics: Mapping[str, Any], path: str | os.PathLike) -> N
     """
     text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
     write_atomically(path, lambda f: f.write(text), binary=False)
+
+
+def report(metrics: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Print the tables and write metrics.json (what every command ends with)."""
+    if "semantic" in metrics:
+        print(format_semantic_table(metrics))
+    print(format_metrics_summary(metrics))
+    write_metrics_json(metrics, path)
+    print(f"metrics written to {path}")

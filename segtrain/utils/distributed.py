@@ -1,26 +1,40 @@
-"""Small wrappers over torch.distributed that behave as a single process when it is not in use."""
+"""Small wrappers over torch.distributed that behave as a single process when it is not in use.
+
+They never import torch themselves: a process that has not imported torch.distributed cannot
+be in a process group, and tools such as `segtrain score` should not pay torch's start-up.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+
+def _group() -> Any:
+    """torch.distributed when a process group is initialised, else None."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 def is_distributed() -> bool:
     """True inside an initialised process group with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _group()
+    return dist is not None and dist.get_world_size() > 1
 
 
 def get_rank() -> int:
     """This process's rank; 0 when not distributed."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    dist = _group()
+    return dist.get_rank() if dist is not None else 0
 
 
 def get_world_size() -> int:
     """Number of processes in the group; 1 when not distributed."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dist = _group()
+    return dist.get_world_size() if dist is not None else 1
 
 
 def is_main_process() -> bool:
@@ -36,6 +50,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
+    import torch
+    import torch.distributed as dist
+
     if dist.get_backend() == dist.Backend.NCCL and tensor.device.type != "cuda":
         on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
@@ -49,6 +66,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; `[obj]` when not distributed."""
     if not is_distributed():
         return [obj]
+    import torch.distributed as dist
+
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
