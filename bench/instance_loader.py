@@ -1,7 +1,8 @@
 """COCO instance samples per second: COCOInstanceDataset against torchvision's reference pipeline.
 
-A synthetic COCO dataset is written to a temporary folder first (JPEG images with --objects
-polygon annotations each; the reference's conversion handles polygons only), not timed. Then, in the same
+A synthetic COCO dataset is written to a temporary folder first (PNG images by default, as the
+synthetic COCO writer saves them, or --format jpg; --objects polygon annotations each, since the
+reference's conversion handles polygons only), not timed. Then, in the same
 run, over the same files and with the same number of loader workers:
 
   segtrain   COCOInstanceDataset: torchvision.io decode, cached annotation index, pycocotools RLE
@@ -11,7 +12,7 @@ run, over the same files and with the same number of loader workers:
 Both yield the same masks (checked on the first images). Rounds alternate; medians compared.
 Target: segtrain/reference >= 1.5.
 
-    python bench/instance_loader.py [--images 200] [--workers 0] [--rounds 3]
+    python bench/instance_loader.py [--images 200] [--workers 0] [--rounds 3] [--format png|jpg]
 """
 
 from __future__ import annotations
@@ -34,16 +35,22 @@ from torchvision.datasets import CocoDetection
 from segtrain.data.coco import COCOInstanceDataset
 
 
-def write_dataset(root: Path, images: int, objects: int, size: tuple[int, int]) -> Path:
-    """JPEG images and an instances JSON with polygon annotations."""
+def write_dataset(root: Path, images: int, objects: int, size: tuple[int, int], fmt: str = "png") -> Path:
+    """Images (PNG, as segtrain's synthetic COCO writer saves them, or JPEG) and an instances JSON
+    with polygon annotations."""
     rng = np.random.default_rng(0)
     height, width = size
     (root / "val2017").mkdir(parents=True)
     entries, annotations = [], []
     for i in range(1, images + 1):
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "val2017" / f"{i:012d}.jpg", quality=90)
-        entries.append({"id": i, "file_name": f"{i:012d}.jpg", "height": height, "width": width})
+        # Smooth gradients plus noise: compresses like a photo, not like pure noise.
+        ys, xs = np.mgrid[0:height, 0:width]
+        base = np.stack([(xs * rng.uniform(0.1, 0.5)) % 256, (ys * rng.uniform(0.1, 0.5)) % 256,
+                         ((xs + ys) * rng.uniform(0.1, 0.3)) % 256], -1)
+        pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        name = f"{i:012d}.{fmt}"
+        Image.fromarray(pixels).save(root / "val2017" / name, **({"quality": 90} if fmt == "jpg" else {}))
+        entries.append({"id": i, "file_name": name, "height": height, "width": width})
         for j in range(objects):
             cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
             radius = rng.uniform(0.05, 0.2) * min(height, width)
@@ -113,11 +120,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--format", default="png", choices=["png", "jpg"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ann_file = write_dataset(root, args.images, args.objects, (args.height, args.width))
+        ann_file = write_dataset(root, args.images, args.objects, (args.height, args.width), args.format)
         ours = COCOInstanceDataset(root, split="val", train=False)
         reference = ReferenceDataset(root / "val2017", ann_file)
         for i in range(3):  # same images, same masks
@@ -129,8 +137,9 @@ def main() -> None:
             fast.append(samples_per_second(ours, args.workers))
             slow.append(samples_per_second(reference, args.workers))
     f, s = statistics.median(fast), statistics.median(slow)
-    print(f"{args.images} images {args.width}x{args.height}, {args.objects} objects each, "
-          f"{args.workers} workers, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
+    print(f"{args.images} {args.format.upper()} images {args.width}x{args.height}, "
+          f"{args.objects} objects each, {args.workers} workers, {args.rounds} rounds, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"segtrain   {f:7.1f} samples/s  (rounds: {', '.join(f'{x:.1f}' for x in fast)})")
     print(f"reference  {s:7.1f} samples/s  (rounds: {', '.join(f'{x:.1f}' for x in slow)})")
     ratio = f / s
