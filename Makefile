@@ -42,6 +42,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/semantic_metric.py
 	$(BIN)/python bench/instance_loader.py
+	$(BIN)/python bench/coco_eval.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
