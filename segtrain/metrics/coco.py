@@ -47,7 +47,9 @@ def _numpy(x: Any) -> np.ndarray:
 
 def encode_masks(masks: Any) -> list[dict]:
     """RLEs of masks: bool/uint8 (N, H, W) -> N dicts {"size": [H, W], "counts": str} (JSON-ready)."""
-    masks = _numpy(masks).astype(np.uint8, copy=False)
+    masks = _numpy(masks)
+    # bool -> uint8 as a view: encoding is most of an evaluation's time, a copy is a quarter of it.
+    masks = masks.view(np.uint8) if masks.dtype == np.bool_ else masks.astype(np.uint8, copy=False)
     if masks.shape[0] == 0:
         return []
     # pycocotools wants (H, W, N) in Fortran order, i.e. each mask column-major.
