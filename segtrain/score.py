@@ -42,7 +42,7 @@ def score(cfg: DictConfig) -> dict:
         if iou_types is not None:
             iou_types = [iou_types] if isinstance(iou_types, str) else list(iou_types)
         scorer = score_coco if task == "instance" else score_lvis
-        metrics = scorer(cfg.gt, cfg.pred, iou_types, area_from=cfg.area_from)
+        metrics = scorer(cfg.gt, cfg.pred, iou_types, area_from=cfg.area_from, backend=cfg.backend)
         print(format_ap_table(metrics))
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     report(metrics, output if output.suffix == ".json" else output / "metrics.json")

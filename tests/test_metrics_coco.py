@@ -135,10 +135,10 @@ def _write(tmp_path, gt, results):
     return tmp_path / "gt.json", tmp_path / "results.json"
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_score_coco_equals_cocoeval_on_generated_cases(tmp_path, seed):
+@pytest.mark.parametrize(("seed", "backend"), [(0, "fast"), (1, "fast"), (2, "fast"), (0, "pycocotools")])
+def test_score_coco_equals_cocoeval_on_generated_cases(tmp_path, seed, backend):
     gt, results = make_case(seed)
-    metrics = score_coco(*_write(tmp_path, gt, results))
+    metrics = score_coco(*_write(tmp_path, gt, results), backend=backend)
     assert set(metrics) == {"segm", "bbox"}
     for iou_type in ("segm", "bbox"):
         assert_matches(metrics[iou_type], reference_coco(gt, results, iou_type))
@@ -331,3 +331,9 @@ def test_categories_built_from_targets_are_the_things_when_metadata_names_them()
     metrics = evaluator.compute()
     assert list(metrics["segm"]["per_class"]) == ["cat", "dog"]
     assert metrics["segm"]["AP"] == pytest.approx(100.0) and metrics["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def test_an_unknown_backend_is_named(tmp_path):
+    gt, results = make_case(0, num_images=2)
+    with pytest.raises(ValueError, match="backend='cocoapi'.*'fast', 'pycocotools'"):
+        score_coco(*_write(tmp_path, gt, results), backend="cocoapi")

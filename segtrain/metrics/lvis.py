@@ -40,6 +40,7 @@ from segtrain.metrics.coco import (
     result_iou_types,
     validate_results,
 )
+from segtrain.metrics.fast_cocoeval import FastCOCOeval
 
 MAX_DETS = 300
 FREQUENCIES = ("r", "c", "f")
@@ -76,8 +77,9 @@ def _with_area(results: list[dict]) -> list[dict]:
     return out
 
 
-class FederatedCOCOeval(COCOeval):
-    """COCOeval whose unmatched detections of not-exhaustively annotated categories are ignored."""
+class FederatedRules:
+    """LVIS's ground-truth `ignore` and not-exhaustive categories, mixed into a COCOeval class:
+    unmatched detections of a not-exhaustively annotated category of an image are ignored."""
 
     def __init__(self, coco_gt: Any, coco_dt: Any, iou_type: str,
                  not_exhaustive: dict[int, set[int]]) -> None:
@@ -91,11 +93,25 @@ class FederatedCOCOeval(COCOeval):
             for g in gts:
                 g["ignore"] = g["lvis_ignore"]
 
+    def ignores_unmatched(self, image_id: int, category_id: int) -> bool:  # FastCOCOeval's hook
+        return category_id in self.not_exhaustive.get(image_id, ())
+
     def evaluateImg(self, imgId: int, catId: int, aRng: list, maxDet: int) -> dict | None:  # noqa: N802, N803
-        result = super().evaluateImg(imgId, catId, aRng, maxDet)
-        if result is not None and catId in self.not_exhaustive.get(imgId, ()):
+        result = super().evaluateImg(imgId, catId, aRng, maxDet)  # COCOeval's path
+        if result is not None and self.ignores_unmatched(imgId, catId):
             result["dtIgnore"] = np.logical_or(result["dtIgnore"], result["dtMatches"] == 0)
         return result
+
+
+class FederatedCOCOeval(FederatedRules, COCOeval):
+    """LVISEval's matching on pycocotools' COCOeval (the reference code path)."""
+
+
+class FastFederatedCOCOeval(FederatedRules, FastCOCOeval):
+    """LVISEval's matching on FastCOCOeval (same numbers, vectorised)."""
+
+
+FEDERATED_BACKENDS = {"fast": FastFederatedCOCOeval, "pycocotools": FederatedCOCOeval}
 
 
 def _federated(gt: dict, results: list[dict], iou_type: str, area_from: str) -> tuple[dict, list[dict]]:
@@ -144,12 +160,14 @@ def summarize_lvis(coco_eval: COCOeval, class_names: Sequence[str], groups: dict
 
 
 def evaluate_lvis(gt: dict, results: list[dict], iou_types: Iterable[str] = IOU_TYPES,
-                  area_from: str = "mask", image_ids: Iterable[int] | None = None) -> dict:
+                  area_from: str = "mask", image_ids: Iterable[int] | None = None,
+                  backend: str = "fast") -> dict:
     """LVISEval of `results` (COCO-style result dicts) against an LVIS v1 dict, per IoU type.
 
     image_ids: evaluate only these images (default: every image of the ground truth).
+    backend: "fast" (FastCOCOeval) or "pycocotools" (COCOeval); the numbers are the same.
     """
-    iou_types = _check_options(iou_types, area_from)
+    iou_types = _check_options(iou_types, area_from, backend)
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     groups = {f: [k for k, c in enumerate(cats) if c.get("frequency") == f] for f in FREQUENCIES}
     not_exhaustive = {img["id"]: set(img.get("not_exhaustive_category_ids", ())) for img in gt["images"]}
@@ -158,7 +176,7 @@ def evaluate_lvis(gt: dict, results: list[dict], iou_types: Iterable[str] = IOU_
         gt_filtered, dets = _federated(gt, results, iou_type, area_from)
         coco_gt = build_coco(gt_filtered)
         coco_dt = build_coco({"images": gt["images"], "categories": gt["categories"], "annotations": dets})
-        coco_eval = FederatedCOCOeval(coco_gt, coco_dt, iou_type, not_exhaustive)
+        coco_eval = FEDERATED_BACKENDS[backend](coco_gt, coco_dt, iou_type, not_exhaustive)
         coco_eval.params.maxDets = [MAX_DETS]
         if image_ids is not None:
             coco_eval.params.imgIds = sorted(set(image_ids))
@@ -178,32 +196,34 @@ def _load_lvis_gt(gt_json: str | Path | dict) -> dict:
 
 
 def score_lvis(gt_json: str | Path, results_json: str | Path, iou_types: Iterable[str] | None = None,
-               area_from: str = "bbox") -> dict:
+               area_from: str = "bbox", backend: str = "fast") -> dict:
     """Score a results JSON against an LVIS v1 JSON, as LVISEval does on the file.
 
     iou_types: None = those every result supports. area_from: "bbox" (LVISResults) or "mask".
+    backend: "fast" or "pycocotools" (see `evaluate_lvis`).
     """
-    if iou_types is not None:
-        _check_options(iou_types, area_from)
+    _check_options(IOU_TYPES if iou_types is None else iou_types, area_from, backend)
     gt = _load_lvis_gt(gt_json)
     results = load_json(results_json, "results")
     validate_results(results, gt, f"results file {results_json}")
     iou_types = result_iou_types(results) if iou_types is None else iou_types
-    return evaluate_lvis(gt, results, iou_types, area_from)
+    return evaluate_lvis(gt, results, iou_types, area_from, backend=backend)
 
 
 class LVISEvaluator(InstanceEvaluator):
     """LVIS mask/box AP (federated rules) of instance predictions against an LVIS v1 JSON.
 
     Only the processed images are evaluated. results_path: where to write the results JSON.
+    backend: "fast" or "pycocotools" (the same numbers; see `evaluate_lvis`).
     """
 
     def __init__(self, meta: DatasetMeta, gt: str | Path | dict, iou_types: Iterable[str] = IOU_TYPES,
-                 area_from: str = "mask", results_path: str | Path | None = None) -> None:
+                 area_from: str = "mask", results_path: str | Path | None = None,
+                 backend: str = "fast") -> None:
         if gt is None:
             raise ValueError("LVISEvaluator needs gt= an LVIS JSON (negative and not-exhaustive "
                              "category lists exist only there)")
-        super().__init__(meta, gt, iou_types, area_from, results_path)
+        super().__init__(meta, gt, iou_types, area_from, results_path, backend)
         self._gt: dict | None = None
         self.reset()
 
@@ -224,4 +244,5 @@ class LVISEvaluator(InstanceEvaluator):
         results = state["results"]
         validate_results(results, self._gt, "predictions")
         self._write_results(results)
-        return evaluate_lvis(self._gt, results, self.iou_types, self.area_from, state["image_ids"])
+        return evaluate_lvis(self._gt, results, self.iou_types, self.area_from, state["image_ids"],
+                             self.backend)
