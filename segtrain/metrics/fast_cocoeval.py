@@ -26,14 +26,22 @@ from pycocotools.cocoeval import COCOeval
 
 
 @dataclass
-class PairResult:
-    """Matching of one (image, category) pair for every area range (A) and IoU threshold (T)."""
+class Detections:
+    """Every evaluated detection, grouped by (category, image) pair in that order, best score first
+    within a pair; a category's detections are one contiguous slice, its images in id order."""
 
-    image_index: int
-    scores: np.ndarray  # (D,) descending
-    matched_ids: np.ndarray  # (A, T, D) matched ground-truth id, 0 if none (as COCOeval's dtMatches)
+    scores: np.ndarray  # (D,)
+    rank: np.ndarray  # (D,) position within its pair
+    matched_ids: np.ndarray  # (A, T, D) matched ground-truth id, 0 if none (COCOeval's dtMatches)
     ignored: np.ndarray  # (A, T, D) bool (COCOeval's dtIgnore)
-    num_regular_gt: np.ndarray  # (A,) ground truth neither ignored nor outside the range
+    category_slices: list[slice]  # per category index
+    has_pairs: np.ndarray  # (K,) whether the category has ground truth or detections anywhere
+    num_regular_gt: np.ndarray  # (K, A) ground truth neither ignored nor outside the area range
+
+
+def _group_bounds(group_of_item: np.ndarray, num_groups: int) -> np.ndarray:
+    """Start offsets (num_groups + 1,) of the groups of items sorted by group."""
+    return np.concatenate([[0], np.cumsum(np.bincount(group_of_item, minlength=num_groups))])
 
 
 class FastCOCOeval(COCOeval):
@@ -61,72 +69,67 @@ class FastCOCOeval(COCOeval):
         category_index = {category_id: k for k, category_id in enumerate(p.catIds)}
         pairs = sorted((category_index[c], image_index[i], i, c) for i, c in {*self._gts, *self._dts}
                        if i in image_index and c in category_index)
-        self.pair_results: list[list[PairResult]] = [[] for _ in p.catIds]
-        area_ranges = np.asarray(p.areaRng, dtype=np.float64)
-        thresholds = np.minimum(np.asarray(p.iouThrs, dtype=np.float64), 1 - 1e-10)
-        for k, i, image_id, category_id in pairs:
-            result = self._match(i, self._gts.get((image_id, category_id), []),
-                                 self._dts.get((image_id, category_id), []), area_ranges, thresholds,
-                                 p.maxDets[-1])
-            if self.ignores_unmatched(image_id, category_id):
-                result.ignored |= result.matched_ids == 0
-            self.pair_results[k].append(result)
+        self.detections = self._match_all(pairs, len(p.catIds))
         self.evalImgs = []
         self._paramsEval = copy.deepcopy(p)
 
-    def _match(self, image_index: int, gts: list[dict], dts: list[dict], area_ranges: np.ndarray,
-               thresholds: np.ndarray, max_det: int) -> PairResult:
-        order = np.argsort([-d["score"] for d in dts], kind="mergesort")[:max_det]
-        dts = [dts[j] for j in order]
+    def _match_all(self, pairs: list[tuple[int, int, int, int]], num_categories: int) -> Detections:
+        """COCOeval.evaluateImg for every pair, area range and threshold; per-item attributes are
+        gathered into flat arrays once so that the per-pair Python work is the matching alone."""
+        p = self.params
+        key = "segmentation" if p.iouType == "segm" else "bbox"
+        area_ranges = np.asarray(p.areaRng, dtype=np.float64)
         lo, hi = area_ranges[:, :1], area_ranges[:, 1:]
+        thresholds = np.minimum(np.asarray(p.iouThrs, dtype=np.float64), 1 - 1e-10)
+        num_pairs = len(pairs)
+
+        dts = [d for _, _, i, c in pairs for d in self._dts.get((i, c), [])]
+        dt_pair = np.repeat(np.arange(num_pairs), [len(self._dts.get((i, c), [])) for _, _, i, c in pairs])
+        scores = np.array([d["score"] for d in dts], dtype=np.float64)
+        order = np.lexsort((-scores, dt_pair))  # stable: COCOeval's mergesort within each pair
+        bounds = _group_bounds(dt_pair, num_pairs)
+        rank = np.arange(len(dts)) - bounds[dt_pair[order]]
+        order = order[rank < p.maxDets[-1]]
+        dts = [dts[j] for j in order]
+        dt_pair, scores, rank = dt_pair[order], scores[order], rank[rank < p.maxDets[-1]]
+        dt_bounds = _group_bounds(dt_pair, num_pairs)
+        dt_area = np.array([d["area"] for d in dts], dtype=np.float64)
+
+        gts = [g for _, _, i, c in pairs for g in self._gts.get((i, c), [])]
+        gt_pair = np.repeat(np.arange(num_pairs), [len(self._gts.get((i, c), [])) for _, _, i, c in pairs])
+        gt_bounds = _group_bounds(gt_pair, num_pairs)
         gt_area = np.array([g["area"] for g in gts], dtype=np.float64)
         flagged = np.array([bool(g["ignore"]) for g in gts], dtype=bool)  # crowd (COCO) / ignore (LVIS)
         gt_ignored = flagged[None] | (gt_area < lo) | (gt_area > hi)  # (A, G)
-        dt_area = np.array([d["area"] for d in dts], dtype=np.float64)
-        num_areas, num_thresholds, num_dts, num_gts = len(area_ranges), len(thresholds), len(dts), len(gts)
-        matched = np.zeros((num_areas, num_thresholds, num_dts))
-        ignored = np.zeros((num_areas, num_thresholds, num_dts), dtype=bool)
-        if num_dts and num_gts:
-            crowd = np.array([bool(g["iscrowd"]) for g in gts], dtype=bool)
-            key = "segmentation" if self.params.iouType == "segm" else "bbox"
-            ious = mask_util.iou([d[key] for d in dts], [g[key] for g in gts], crowd.astype(int).tolist())
-            gt_ids = np.array([g["id"] for g in gts], dtype=np.float64)
-            self._greedy_match(np.asarray(ious), crowd, gt_ignored, gt_ids, thresholds, matched, ignored)
-        outside = (dt_area < lo) | (dt_area > hi)  # (A, D)
-        ignored |= (matched == 0) & outside[:, None, :]
-        return PairResult(image_index, np.array([d["score"] for d in dts], dtype=np.float64), matched,
-                          ignored, (~gt_ignored).sum(axis=1))
+        crowd_list = [int(bool(g["iscrowd"])) for g in gts]
+        crowd = np.array(crowd_list, dtype=bool)
+        gt_ids = np.array([g["id"] for g in gts], dtype=np.float64)
+        dt_regions, gt_regions = [d[key] for d in dts], [g[key] for g in gts]
 
-    @staticmethod
-    def _greedy_match(ious: np.ndarray, crowd: np.ndarray, gt_ignored: np.ndarray, gt_ids: np.ndarray,
-                      thresholds: np.ndarray, matched: np.ndarray, ignored: np.ndarray) -> None:
-        """COCOeval.evaluateImg's matching for all (area, threshold) rows at once; fills the outputs."""
-        num_gts = ious.shape[1]
-        free = np.ones((len(gt_ignored), len(thresholds), num_gts), dtype=bool)  # (A, T, G)
-        reaches = ious[:, None, :] >= thresholds[None, :, None]  # (D, T, G)
-        regular = ~gt_ignored[:, None, :]
-        reachable = ious >= thresholds.min()
-        for d in np.flatnonzero(reachable.any(axis=1)):
-            candidates = np.flatnonzero(reachable[d])
-            if len(candidates) == 1:  # the common case, without ties to break
-                g = candidates[0]
-                hit = free[:, :, g] & reaches[d, :, g]  # (A, T)
-                matched[:, :, d] = hit * gt_ids[g]
-                ignored[:, :, d] = hit & gt_ignored[:, g, None]
-                if not crowd[g]:  # a taken crowd region stays available
-                    free[:, :, g] &= ~hit
+        matched = np.zeros((len(area_ranges), len(thresholds), len(dts)))
+        ignored = np.zeros(matched.shape, dtype=bool)
+        lowest = thresholds.min()
+        for n in range(num_pairs):
+            d0, d1, g0, g1 = dt_bounds[n], dt_bounds[n + 1], gt_bounds[n], gt_bounds[n + 1]
+            if d0 == d1 or g0 == g1:
                 continue
-            available = reaches[d] & free  # (A, T, G)
-            preferred = available & regular
-            candidates = np.where(preferred.any(axis=-1, keepdims=True), preferred, available)
-            values = np.where(candidates, ious[d], -1.0)
-            best = values.max(axis=-1, keepdims=True)
-            last = num_gts - 1 - np.argmax((values == best)[..., ::-1], axis=-1)  # (A, T)
-            a, t = np.nonzero(candidates.any(axis=-1))
-            g = last[a, t]
-            free[a, t, g] = crowd[g]
-            matched[a, t, d] = gt_ids[g]
-            ignored[a, t, d] = gt_ignored[a, g]
+            ious = np.asarray(mask_util.iou(dt_regions[d0:d1], gt_regions[g0:g1], crowd_list[g0:g1]))
+            if ious.max() >= lowest:
+                _greedy_match(ious, crowd[g0:g1], gt_ignored[:, g0:g1], gt_ids[g0:g1], thresholds,
+                              matched[:, :, d0:d1], ignored[:, :, d0:d1])
+        unmatched = matched == 0
+        ignored |= unmatched & ((dt_area < lo) | (dt_area > hi))[:, None, :]
+        flagged_pairs = np.array([self.ignores_unmatched(i, c) for _, _, i, c in pairs], dtype=bool)
+        if flagged_pairs.any():
+            ignored |= unmatched & flagged_pairs[dt_pair]
+        pair_category = np.array([k for k, _, _, _ in pairs], dtype=np.int64)
+        category_bounds = _group_bounds(pair_category, num_categories)
+        num_regular = np.zeros((num_categories, len(area_ranges)), dtype=np.int64)
+        np.add.at(num_regular, pair_category[gt_pair], (~gt_ignored).T.astype(np.int64))
+        slices = [slice(dt_bounds[category_bounds[k]], dt_bounds[category_bounds[k + 1]])
+                  for k in range(num_categories)]
+        return Detections(scores, rank, matched, ignored, slices, np.diff(category_bounds) > 0,
+                          num_regular)
 
     def accumulate(self, p: object | None = None) -> None:
         if p is not None and p is not self.params:
@@ -138,14 +141,14 @@ class FastCOCOeval(COCOeval):
         precision = -np.ones((num_t, num_r, num_k, num_a, num_m))
         recall = -np.ones((num_t, num_k, num_a, num_m))
         scores = -np.ones((num_t, num_r, num_k, num_a, num_m))
-        for k, results in enumerate(self.pair_results):
-            if not results:
+        dets = self.detections
+        for k, in_category in enumerate(dets.category_slices):
+            if not dets.has_pairs[k]:
                 continue
-            all_scores = np.concatenate([r.scores for r in results])
-            rank = np.concatenate([np.arange(len(r.scores)) for r in results])
-            all_matched = np.concatenate([r.matched_ids for r in results], axis=2)
-            all_ignored = np.concatenate([r.ignored for r in results], axis=2)
-            num_regular = np.sum([r.num_regular_gt for r in results], axis=0)
+            all_scores, rank = dets.scores[in_category], dets.rank[in_category]
+            all_matched = dets.matched_ids[:, :, in_category]
+            all_ignored = dets.ignored[:, :, in_category]
+            num_regular = dets.num_regular_gt[k]
             for m, max_det in enumerate(p.maxDets):
                 keep = rank < max_det
                 order = np.argsort(-all_scores[keep], kind="mergesort")
@@ -169,3 +172,45 @@ class FastCOCOeval(COCOeval):
                         scores[t, ~found, k, a, m] = 0
         self.eval = {"params": p, "counts": [num_t, num_r, num_k, num_a, num_m],
                      "precision": precision, "recall": recall, "scores": scores}
+
+
+
+def _greedy_match(ious: np.ndarray, crowd: np.ndarray, gt_ignored: np.ndarray, gt_ids: np.ndarray,
+                  thresholds: np.ndarray, matched: np.ndarray, ignored: np.ndarray) -> None:
+    """COCOeval.evaluateImg's matching of one pair for all (area, threshold) rows at once.
+
+    ious (D, G) with detections best first; gt_ignored (A, G); fills matched/ignored (A, T, D).
+    """
+    reaches = ious[:, None, :] >= thresholds[None, :, None]  # (D, T, G)
+    reachable = ious >= thresholds.min()
+    choices = reachable.sum(axis=1)
+    if choices.max() <= 1:
+        # No detection has two ground truths to choose from, so area ranges and the regular-
+        # before-ignored preference cannot matter: at each threshold a ground truth goes to the
+        # first detection reaching it (every one reaching it, for a crowd region).
+        ds = np.flatnonzero(choices)
+        g = reachable[ds].argmax(axis=1)
+        hits = reaches[ds, :, g]  # (n, T)
+        earlier_same = (g[:, None] == g[None, :]) & np.tri(len(ds), k=-1, dtype=bool)
+        taken_before = earlier_same.astype(np.int64) @ hits.astype(np.int64)
+        hits &= (taken_before == 0) | crowd[g][:, None]
+        matched[:, :, ds] = (hits * gt_ids[g][:, None]).T
+        ignored[:, :, ds] = hits.T & gt_ignored[:, None, g]
+        return
+    num_gts = ious.shape[1]
+    free = np.ones((len(gt_ignored), len(thresholds), num_gts), dtype=bool)  # (A, T, G)
+    regular = ~gt_ignored[:, None, :]
+    for d in np.flatnonzero(choices):
+        available = reaches[d] & free  # (A, T, G)
+        preferred = available & regular
+        candidates = np.where(preferred.any(axis=-1, keepdims=True), preferred, available)
+        values = np.where(candidates, ious[d], -1.0)
+        best = values.max(axis=-1, keepdims=True)
+        last = num_gts - 1 - np.argmax((values == best)[..., ::-1], axis=-1)  # ties: the last (A, T)
+        a, t = np.nonzero(candidates.any(axis=-1))
+        g = last[a, t]
+        free[a, t, g] = crowd[g]  # a taken crowd region stays available
+        matched[a, t, d] = gt_ids[g]
+        ignored[a, t, d] = gt_ignored[a, g]
+
+
