@@ -48,6 +48,7 @@ class ToyTask:
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.output_dirs: list = []
         self.on_step = None
 
     def collate(self, samples):
@@ -70,6 +71,7 @@ class ToyTask:
         return model(batch["x"])
 
     def build_evaluator(self, output_dir=None):
+        self.output_dirs.append(output_dir)
         return MSEEvaluator()
 
     def visualize(self, batch, predictions, max_images=4):
@@ -191,6 +193,8 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
     trainer = make_trainer(tmp_path, ema=0.9)
     metrics = trainer.fit()
     assert set(metrics) == {"toy", "ema"} and "mse" in metrics["ema"]["toy"]
+    # The EMA evaluation's files (results JSONs) must not overwrite the raw model's.
+    assert trainer.task.output_dirs[-2:] == [trainer.run_dir, trainer.run_dir / "ema"]
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["ema"] is not None and int(ckpt["ema"]["n_averaged"]) == 8
     assert not torch.equal(ckpt["ema"]["module.0.weight"], ckpt["model"]["0.weight"])

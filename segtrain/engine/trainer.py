@@ -321,15 +321,21 @@ class Trainer:
         return False
 
     def evaluate(self) -> dict:
-        """Evaluate the raw weights (and the EMA weights under 'ema' when kept)."""
-        evaluator = self.task.build_evaluator(self.run_dir if is_main_process() else None)
+        """Evaluate the raw weights (and the EMA weights under 'ema' when kept).
+
+        Files an evaluator writes (e.g. a results JSON) go to the run directory, the EMA
+        evaluation's to its `ema/` subdirectory, so neither overwrites the other.
+        """
+        main = is_main_process()
+        evaluator = self.task.build_evaluator(self.run_dir if main else None)
         metrics, kept = evaluate_model(
             self.forward_model, self.task, self.val_loader, evaluator, self.device,
             self.cfg.precision, keep_first=1 if self.cfg.vis_images else 0,
         )
         if self.ema is not None:
+            ema_evaluator = self.task.build_evaluator(self.run_dir / "ema" if main else None)
             ema_metrics, _ = evaluate_model(
-                self.ema.module, self.task, self.val_loader, evaluator, self.device,
+                self.ema.module, self.task, self.val_loader, ema_evaluator, self.device,
                 self.cfg.precision,
             )
             metrics["ema"] = ema_metrics
