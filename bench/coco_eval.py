@@ -2,7 +2,9 @@
 
 --images images of 640x480 with ~--dets mask predictions each (the masks of --distinct images are
 generated once, before any timing, and reused cyclically so memory stays bounded; every image
-is still encoded on its own). Timed in the same run, over the same predictions, segm and bbox:
+is still encoded on its own). The predictions are what InstanceTask.predict returns, including
+`mask_boxes` (each mask's extent, computed on the model's device in predict; its CPU cost is
+printed separately). Timed in the same run, over the same predictions, segm and bbox:
 
   segtrain     COCOEvaluator(gt=dict).process(batch, predictions) per image, then compute()
   pycocotools  mask.encode per image, COCO.loadRes, COCOeval evaluate/accumulate/summarize
@@ -28,6 +30,7 @@ from pycocotools.cocoeval import COCOeval
 
 from segtrain.data.meta import DatasetMeta, default_palette
 from segtrain.metrics.coco import COCOEvaluator
+from segtrain.metrics.rle import tight_boxes
 
 HEIGHT, WIDTH, CLASSES = 480, 640, 10
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -67,7 +70,8 @@ def make_case(images: int, dets: int, distinct: int, seed: int = 0):
             if len(xx):
                 boxes[k] = torch.tensor([xx.min(), yy.min(), xx.max() + 1, yy.max() + 1]).float()
         predictions.append({"masks": masks, "boxes": boxes, "labels": labels.long(),
-                            "scores": torch.from_numpy(rng.uniform(0, 1, dets)).float()})
+                            "scores": torch.from_numpy(rng.uniform(0, 1, dets)).float(),
+                            "mask_boxes": tight_boxes(masks)})
         gt_sets.append((gt_masks, gt_labels))
     gt_images, annotations = [], []
     for image_id in range(1, images + 1):
@@ -131,6 +135,11 @@ def main() -> None:
     print(f"{args.images} images {WIDTH}x{HEIGHT}, {args.dets} mask predictions each "
           f"({args.distinct} distinct sets), {len(gt['annotations'])} GT instances; "
           f"generated in {time.perf_counter() - start:.1f} s; torch threads {torch.get_num_threads()}")
+    start = time.perf_counter()
+    for image_id in range(args.images):
+        tight_boxes(predictions[image_id % len(predictions)]["masks"])
+    print(f"mask_boxes (tight_boxes in InstanceTask.predict, not in the timings): "
+          f"{time.perf_counter() - start:.2f} s on this CPU for {args.images} images")
     timings, outputs = {}, {}
     for name, fn in (("pycocotools", run_pycocotools), ("segtrain", run_segtrain)):
         start = time.perf_counter()

@@ -29,6 +29,7 @@ from pycocotools.cocoeval import COCOeval
 from segtrain.data.meta import DatasetMeta
 from segtrain.metrics.base import Evaluator
 from segtrain.metrics.fast_cocoeval import FastCOCOeval
+from segtrain.metrics.rle import encode_in_boxes
 from segtrain.utils.distributed import is_main_process
 from segtrain.utils.files import write_atomically
 
@@ -49,9 +50,16 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def encode_masks(masks: Any) -> list[dict]:
-    """RLEs of masks: bool/uint8 (N, H, W) -> N dicts {"size": [H, W], "counts": str} (JSON-ready)."""
+def encode_masks(masks: Any, boxes: Any = None) -> list[dict]:
+    """RLEs of masks: bool/uint8 (N, H, W) -> N dicts {"size": [H, W], "counts": str} (JSON-ready).
+
+    boxes: optional int (N, 4) x0, y0, x1, y1 (exclusive end) outside which each mask is zero; with
+    them only the boxes are read (`rle.encode_in_boxes`: ~13x faster on 48 predictions at 480x640),
+    with identical results.
+    """
     masks = _numpy(masks)
+    if boxes is not None:
+        return encode_in_boxes(masks, _numpy(boxes))
     # bool -> uint8 as a view: encoding is most of an evaluation's time, a copy is a quarter of it.
     masks = masks.view(np.uint8) if masks.dtype == np.bool_ else masks.astype(np.uint8, copy=False)
     if masks.shape[0] == 0:
@@ -76,12 +84,15 @@ def predictions_to_results(image_id: int, prediction: dict, meta: DatasetMeta) -
     """COCO result dicts of one image's predictions.
 
     prediction: `masks` bool/uint8 (N, H, W) at the original size (optional), `boxes` float XYXY
-    (N, 4), `labels` int64 contiguous ids (N,), `scores` float (N,).
+    (N, 4), `labels` int64 contiguous ids (N,), `scores` float (N,); optional `mask_boxes` int64
+    (N, 4) x0, y0, x1, y1 (exclusive end) outside which each mask is zero, e.g. from
+    `rle.tight_boxes`: they make encoding read only the boxes (same results). A mask that is
+    non-zero outside its mask box is encoded wrongly, not detected.
     """
     labels = _numpy(prediction["labels"]).tolist()
     scores = _numpy(prediction["scores"]).astype(np.float64).tolist()
     boxes = _xywh(prediction["boxes"]).tolist()
-    rles = encode_masks(prediction["masks"]) if "masks" in prediction else None
+    rles = encode_masks(prediction["masks"], prediction.get("mask_boxes")) if "masks" in prediction else None
     results = []
     for i, (label, score, box) in enumerate(zip(labels, scores, boxes)):
         result = {"image_id": int(image_id), "category_id": _category_id(meta, label),

@@ -137,7 +137,9 @@ class InstanceTask:
 
     def predict(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Per image {"masks" bool (N, H, W) at the target's orig_size, "boxes" float32 (N, 4) XYXY
-        in orig_size pixels, "labels" int64 (N,), "scores" float32 (N,)}, best score first."""
+        in orig_size pixels, "labels" int64 (N,), "scores" float32 (N,), "mask_boxes" int64 (N, 4)
+        x0, y0, x1, y1 (exclusive end) of each mask's pixels, (0, 0, 0, 0) when empty}, best score
+        first. The evaluators encode only inside the mask boxes."""
         outputs = model(self.to_float(batch["images"]))
         predictions = []
         for image, target, output in zip(batch["images"], batch["targets"], outputs):
@@ -157,8 +159,13 @@ class InstanceTask:
                 probs = probs.new_zeros((0, *orig))
             scale = boxes.new_tensor([orig[1] / size[1], orig[0] / size[0]] * 2)
             boxes = boxes * scale
-        return {"masks": probs > self.mask_threshold, "boxes": boxes,
-                "labels": output["labels"].long(), "scores": output["scores"].float()}
+        # Imported here: segtrain.metrics.rle loads pycocotools, which training does not need.
+        from segtrain.metrics.rle import tight_boxes
+
+        masks = probs > self.mask_threshold
+        # Computed here, on the model's device, where it is cheap; RLE encoding then reads only these.
+        return {"masks": masks, "boxes": boxes, "labels": output["labels"].long(),
+                "scores": output["scores"].float(), "mask_boxes": tight_boxes(masks)}
 
     def build_evaluator(self, output_dir: str | Path | None = None) -> Any:
         """Mask and box AP/AR, areas from the masks (detectron2's convention); COCO's or LVIS's
