@@ -71,13 +71,18 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
 def build_data(cfg: DictConfig) -> tuple[Any, Any]:
     """Instantiate the train and val datasets of `cfg.dataset`.
 
-    A dataset config may leave `num_classes` null when the data defines it (a COCO JSON's
-    categories): it is filled in from the train set, so the model and the checkpoint get it.
+    A dataset config may leave `num_classes` (and a panoptic one `num_things` / `num_stuff`)
+    null when the data defines it (a COCO JSON's categories): it is filled in from the train
+    set's metadata, so the model and the checkpoint get it.
     """
     train_set = instantiate(cfg.dataset.train)
-    if cfg.dataset.get("num_classes", 0) is None:
-        with open_dict(cfg):
-            cfg.dataset.num_classes = len(train_set.meta.classes)
+    meta = train_set.meta
+    counts = {"num_classes": len(meta.classes), "num_things": len(meta.thing_ids),
+              "num_stuff": len(meta.stuff_ids)}
+    for key, value in counts.items():
+        if key in cfg.dataset and cfg.dataset[key] is None:
+            with open_dict(cfg):
+                cfg.dataset[key] = value
     val_set = instantiate(cfg.dataset.val) if cfg.dataset.get("val") is not None else None
     return train_set, val_set
 
