@@ -116,7 +116,8 @@ def build_panoptic_fpn(num_things: int, num_stuff: int, backbone: str = "resnet5
                          f"({', '.join(RESNETS)}): its semantic branch reads the P2..P5 levels")
     for name, value in (("num_things", num_things), ("num_stuff", num_stuff)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"panoptic_fpn: {name}={value!r}; expected an integer >= 1 "
-                             "(dataset.num_things / dataset.num_stuff)")
+            raise ValueError(f"panoptic_fpn: {name}={value!r}; expected an integer >= 1 from "
+                             f"dataset.{name}: train it on a panoptic dataset (synthetic_panoptic, "
+                             "coco_panoptic, cityscapes_panoptic)")
     detector = build_maskrcnn(num_classes=num_things + 1, backbone=backbone, **maskrcnn)
     return PanopticFPN(detector, num_stuff, semantic_channels, ignore_index)
