@@ -5,14 +5,19 @@ synthetic COCO writer saves them, or --format jpg; --objects polygon annotations
 reference's conversion handles polygons only), not timed. Then, in the same
 run, over the same files and with the same number of loader workers:
 
-  segtrain   COCOInstanceDataset: torchvision.io decode, cached annotation index, pycocotools RLE
+  segtrain   COCOInstanceDataset: torchvision.io decode, cached annotation index, polygons
+             rasterised by pycocotools in one call per image, runs expanded by one np.repeat
   reference  what torchvision's references/detection does: datasets.CocoDetection (PIL decode,
              pycocotools COCO index) + its ConvertCocoPolysToMask step (frPyObjects per object)
 
 Both yield the same masks (checked on the first images). Rounds alternate; medians compared.
+Torch runs --threads threads (default 1, as in every DataLoader worker process): with more,
+the reference's per-object torch reductions wait on each other's threads whenever the machine
+is busy, and its rate, so the ratio, swings with the load rather than with the code.
 Target: segtrain/reference >= 1.5.
 
     python bench/instance_loader.py [--images 200] [--workers 0] [--rounds 3] [--format png|jpg]
+                                    [--threads 1]
 """
 
 from __future__ import annotations
@@ -121,7 +126,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--format", default="png", choices=["png", "jpg"])
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -17,6 +17,7 @@ from torchvision import tv_tensors
 
 from segtrain.data.coco import COCOInstanceDataset, LVISInstanceDataset
 from segtrain.data.coco_export import write_coco_instances
+from segtrain.data.coco_masks import decode_masks
 from segtrain.data.image_io import CorruptImageError
 from segtrain.data.meta import DatasetMeta, default_palette
 from segtrain.data.synthetic import SyntheticDataset
@@ -149,6 +150,77 @@ def test_polygon_uncompressed_and_compressed_rle_decode_to_the_expected_masks(tm
     assert torch.equal(target["masks"], torch.from_numpy(np.stack(expected)))
     assert target["labels"].tolist() == [1, 2, 1, 2]
     assert target["boxes"].tolist() == [[2, 1, 6, 5], [0, 0, 10, 2], [7, 5, 9, 7], [0, 5, 5, 8]]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's crowd format: column-major run lengths as a list, starting with background."""
+    flat = mask.ravel(order="F").astype(np.int64)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate(([0], changes, [flat.size]))
+    runs = np.diff(bounds).tolist()
+    return {"size": list(mask.shape), "counts": [0, *runs] if flat[0] else runs}
+
+
+def _random_segmentations(rng: np.random.Generator, height: int, width: int) -> list:
+    """Polygons (some in several parts, some reaching outside the image), crowd-style
+    uncompressed RLE and compressed RLE (str and bytes) of masks from empty to full."""
+    segs = []
+    for kind in rng.integers(0, 5, size=int(rng.integers(1, 12))):
+        if kind < 2:
+            parts = []
+            for _ in range(int(rng.integers(1, 4)) if kind == 1 else 1):
+                k = int(rng.integers(3, 16))
+                xy = np.stack([rng.uniform(-10, width + 10, k), rng.uniform(-10, height + 10, k)], 1)
+                parts.append(xy.ravel().round(2).tolist())
+            segs.append(parts)
+            continue
+        mask = rng.random((height, width)) < rng.choice([0.0, 0.02, 0.5, 1.0])
+        if rng.random() < 0.5:  # one rectangle: long runs, counts of several 5-bit groups
+            mask = np.zeros((height, width), dtype=bool)
+            y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+            mask[y : y + int(rng.integers(1, height + 1)), x : x + int(rng.integers(1, width + 1))] = True
+        if kind == 2:
+            segs.append(_uncompressed_rle(mask))
+        else:
+            counts = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+            segs.append({"size": [height, width], "counts": counts.decode() if kind == 3 else counts})
+    return segs
+
+
+def _pycocotools_masks(segs: list, height: int, width: int) -> torch.Tensor:
+    """One pycocotools decode per object, parts united, as torchvision's references do."""
+    masks = []
+    for seg in segs:
+        compressed = isinstance(seg, dict) and not isinstance(seg["counts"], list)
+        mask = mask_utils.decode(seg if compressed else mask_utils.frPyObjects(seg, height, width))
+        masks.append(mask.any(axis=2) if mask.ndim == 3 else mask.astype(bool))
+    return torch.from_numpy(np.stack(masks))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_mask_decode_equals_pycocotools_per_object(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        height, width = int(rng.integers(1, 200)), int(rng.integers(1, 200))
+        segs = _random_segmentations(rng, height, width)
+        masks = decode_masks(segs, height, width)
+        assert masks.dtype == torch.bool and masks.shape == (len(segs), height, width)
+        assert torch.equal(masks, _pycocotools_masks(segs, height, width))
+
+
+def test_decoded_masks_keep_pycocotools_column_major_layout():
+    masks = decode_masks([[_rect(2, 1, 6, 5)], [_rect(0, 0, 2, 2)]], H, W)
+    assert masks.stride() == (H * W, 1, H)  # what RLE encoding reads without a copy
+    assert decode_masks([], H, W).shape == (0, H, W)
+
+
+def test_an_rle_that_does_not_cover_its_image_is_an_error_naming_the_image(tmp_path):
+    with pytest.raises(ValueError, match=r"segmentation 1 is an RLE covering 79 pixels; .* 8 \* 10"):
+        decode_masks([[_rect(0, 0, 2, 2)], {"size": [H, W], "counts": [70, 9]}], H, W)
+    short = {"size": [H, W], "counts": [70, 9]}
+    _write_coco(tmp_path, [{"id": 4}], [_ann(1, 4, 1, short, [0, 0, 2, 2], iscrowd=1)], CATS)
+    with pytest.raises(ValueError, match=r"instances_val2017.json: image id 4: segmentation 0 is an RLE"):
+        COCOInstanceDataset(tmp_path, split="val")[0]
 
 
 def _crowd_root(root: Path) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 import pickle
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from segtrain.data.coco_masks import decode_masks
 from segtrain.data.image_io import read_image
 from segtrain.data.meta import DatasetMeta, default_palette
 
@@ -286,11 +286,15 @@ class COCOInstanceDataset(Dataset):
                 f"{path} is {tuple(image.shape[-2:])} (H, W) but {self.gt_json} says "
                 f"({height}, {width}) for image id {image_id}"
             )
+        try:
+            masks = decode_masks(segs, height, width)
+        except ValueError as err:
+            raise ValueError(f"{self.gt_json}: image id {image_id}: {err}") from err
         target = {
             "boxes": tv_tensors.BoundingBoxes(
                 torch.from_numpy(boxes), format="XYXY", canvas_size=(height, width)
             ),
-            "masks": tv_tensors.Mask(decode_masks(segs, height, width)),
+            "masks": tv_tensors.Mask(masks),
             "labels": torch.from_numpy(labels),
             "iscrowd": torch.from_numpy(iscrowd),
             "image_id": image_id,
@@ -339,26 +343,6 @@ class LVISInstanceDataset(COCOInstanceDataset):
             f"image file {path} not found (image id {image_id}, listed in {self.gt_json}); "
             f"expected COCO's train2017/ and val2017/ folders under {self.img_dir}"
         )
-
-
-def decode_masks(segs: Sequence[Any], height: int, width: int) -> torch.Tensor:
-    """COCO segmentations (polygon lists, uncompressed or compressed RLE) -> bool (N, H, W)."""
-    if not segs:
-        return torch.zeros((0, height, width), dtype=torch.bool)
-    rles = []
-    for seg in segs:
-        if isinstance(seg, list):  # polygon parts of one object: their union
-            parts = mask_utils.frPyObjects(seg, height, width)
-            rles.append(parts[0] if len(parts) == 1 else mask_utils.merge(parts))
-        elif isinstance(seg["counts"], list):  # uncompressed RLE (COCO's crowd regions)
-            rles.append(mask_utils.frPyObjects(seg, height, width))
-        else:
-            rles.append(seg)
-    # One decode call for the whole image: uint8 (H, W, N) in Fortran order. The (N, H, W) view
-    # keeps that column-major layout: making it contiguous would cost a third of the decode, and
-    # RLE encoding (the evaluator) wants exactly this layout back.
-    masks = torch.from_numpy(mask_utils.decode(rles))
-    return masks.permute(2, 0, 1).view(torch.bool)
 
 
 def _polygon_areas(parts: list[list[float]]) -> np.ndarray:
