@@ -19,10 +19,12 @@ $(VENV)/.runtime: $(BIN)/python setup.cfg pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 # lvis (the LVISEval reference for tests) pins nothing usable: installed without its deps
-# (opencv, matplotlib), which the tests stub out.
+# (opencv, matplotlib), which the tests stub out. panopticapi-lite (pq_compute, the PQ reference)
+# likewise: its evaluation module needs only numpy and PIL.
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP_INSTALL) -e '.[dev,bench]'
 	$(BIN)/python -m pip install --quiet --no-deps lvis==0.5.3
+	$(BIN)/python -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $@
 
 # Train the default U-Net on synthetic shapes, then evaluate its checkpoint as a user would.

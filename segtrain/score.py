@@ -1,6 +1,6 @@
 """`segtrain score`: prediction files against ground truth, no model.
 
-Imports stay light (no torch for instance/LVIS scoring): the command's start-up is part of its
+Imports stay light (no torch for instance/LVIS/panoptic scoring): the command's start-up is part of its
 speed, and a plain pycocotools script is what it is compared with.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from segtrain.metrics.report import format_ap_table, report
+from segtrain.metrics.report import format_ap_table, format_pq_table, report
 
-SCORE_TASKS = ("semantic", "instance", "lvis")
+SCORE_TASKS = ("semantic", "instance", "lvis", "panoptic")
 
 
 def score(cfg: DictConfig) -> dict:
@@ -32,6 +32,14 @@ def score(cfg: DictConfig) -> dict:
         metrics = score_semantic_dirs(
             cfg.gt, cfg.pred, int(cfg.num_classes), int(cfg.ignore_index), class_names
         )
+    elif task == "panoptic":
+        from segtrain.metrics.panoptic import score_panoptic
+
+        for key in ("gt_dir", "pred_dir"):
+            if cfg[key] is None:
+                raise ValueError(f"score task=panoptic needs {key}=DIR (the folder of the {key[:-4]} PNGs)")
+        metrics = score_panoptic(cfg.gt, cfg.gt_dir, cfg.pred, cfg.pred_dir, workers=cfg.workers)
+        print(format_pq_table(metrics))
     else:
         from segtrain.metrics.coco import score_coco
         from segtrain.metrics.lvis import score_lvis

@@ -71,6 +71,27 @@ def format_ap_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join([header, rule, *rows, rule, *summary])
 
 
+
+def format_pq_table(metrics: Mapping[str, Any]) -> str:
+    """Per-class PQ/SQ/RQ (classes seen in the evaluation), then All/Things/Stuff rows.
+
+    metrics: a panoptic evaluator's output (`{"panoptic": {...}}`) or its "panoptic" part itself.
+    """
+    panoptic = metrics.get("panoptic", metrics)
+    if "PQ" not in panoptic:
+        raise KeyError(f"no panoptic metrics (PQ) in a dict with keys {sorted(metrics)}")
+    # Classes absent from both ground truth and predictions (all NaN) would only be noise.
+    per_class = {n: v for n, v in panoptic.get("per_class", {}).items() if _fmt(v.get("PQ")) != "nan"}
+    width = max([len("class"), len("Things"), *(len(str(name)) for name in per_class)])
+    header = f"{'class':<{width}}" + "".join(f"  {k:>6}" for k in ("PQ", "SQ", "RQ"))
+    rows = [f"{str(name):<{width}}" + "".join(f"  {_fmt(v.get(k)):>6}" for k in ("PQ", "SQ", "RQ"))
+            for name, v in per_class.items()]
+    summary = [f"{label:<{width}}"
+               + "".join(f"  {_fmt(panoptic.get(k + suffix)):>6}" for k in ("PQ", "SQ", "RQ"))
+               for label, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st"))]
+    rule = "-" * len(header)
+    return "\n".join([header, rule, *rows, rule, *summary])
+
 def _scalars(family: Mapping[str, Any]) -> list[str]:
     return [k for k, v in family.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 

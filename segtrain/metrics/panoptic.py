@@ -1,0 +1,414 @@
+"""Panoptic quality (PQ, SQ, RQ) exactly as panopticapi's `pq_compute`, with vectorised counting.
+
+The COCO panoptic definition, quirks included (tests compare with panopticapi to 1e-6):
+- per image, a ground-truth and a predicted segment of the same category match at IoU > 0.5,
+  where the IoU's union leaves out the predicted segment's VOID pixels (ground-truth id 0);
+- ground-truth crowd segments are never matched nor counted as false negatives; an unmatched
+  predicted segment more than half VOID plus crowd of its category is not a false positive (the
+  crowd region is the *last* crowd segment of that category in the JSON, as pq_compute keeps);
+- a ground-truth segment's area is its JSON `area` (pq_compute reads it, it does not count
+  pixels; the pixel count stands in when the key is absent); a predicted one's is its pixel count;
+- ground-truth ids in the PNG but not in the JSON are neither segments nor VOID;
+- a category with no TP, FP or FN is left out of the averages; its per-class values are NaN
+  (pq_compute writes 0.0), and an average over no category is NaN (pq_compute divides by zero).
+Where pq_compute raises (a predicted id in the PNG but not in the JSON, or the reverse, an
+unknown category id, a missing prediction) this raises ValueError naming the image and segment.
+It also rejects what pq_compute silently collapses: a segment or an image listed twice.
+
+Per image the pixel pairs are counted with one `np.bincount` over small contiguous indices (ids
+go through a 2^24-entry lookup table), instead of pq_compute's sort-based `np.unique` on 64-bit
+keys. Module level stays torch-free: `segtrain score` must not pay torch's import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segtrain.data.meta import DatasetMeta
+from segtrain.metrics.base import Evaluator
+from segtrain.utils.distributed import is_main_process
+from segtrain.utils.files import write_atomically
+
+VOID = 0
+MAX_ID = 256**3  # ids are RGB-encoded: id = R + 256 G + 256^2 B
+STAT_ROWS = ("tp", "fp", "fn", "iou")
+
+
+@dataclass
+class Categories:
+    """The categories averaged over, in ground-truth JSON order: dataset ids, names, thing flags."""
+
+    ids: list[int]
+    names: list[str]
+    isthing: list[bool]
+
+    def __post_init__(self) -> None:
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError(f"category ids repeat: {self.ids}; expected each category once")
+        # Index len(ids) collects ground-truth segments of categories outside the list: pq_compute
+        # counts them too, but never averages them.
+        self.index = {cat_id: k for k, cat_id in enumerate(self.ids)}
+
+    @property
+    def num_stats(self) -> int:
+        return len(self.ids) + 1
+
+
+@dataclass
+class Segments:
+    """One image's segments: ids int64 (S,) in [1, 2^24), cats category indices (S,), iscrowd
+    bool (S,), area int64 (S,) or None (then the pixel counts)."""
+
+    ids: np.ndarray
+    cats: np.ndarray
+    iscrowd: np.ndarray
+    area: np.ndarray | None = None
+
+
+class _IdLookup:
+    """Maps segment ids to 1..S, VOID to S + 1 and any other id to 0, through a reused table.
+
+    The table (2^24 uint16, 32 MiB, pages touched lazily) is per thread: lookups run in a pool.
+    """
+
+    _local = threading.local()
+
+    @classmethod
+    def index(cls, pixels: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+        table = getattr(cls._local, "table", None)
+        if table is None:
+            table = cls._local.table = np.zeros(MAX_ID, np.uint16)
+        table[segment_ids] = np.arange(1, len(segment_ids) + 1, dtype=np.uint16)
+        table[VOID] = len(segment_ids) + 1
+        try:
+            return table.take(pixels)
+        finally:
+            table[segment_ids] = 0
+            table[VOID] = 0
+
+
+def _check_segment_ids(ids: np.ndarray, image: str) -> None:
+    bad = ids[(ids <= VOID) | (ids >= MAX_ID)]
+    if bad.size:
+        raise ValueError(f"image {image}: segment id {int(bad[0])} is outside [1, {MAX_ID}); "
+                         "id 0 is VOID and ids are RGB-encoded (R + 256 G + 256^2 B)")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"image {image}: segment id {int(unique[counts > 1][0])} is listed twice; "
+                         "expected each segment once in segments_info")
+    if len(ids) >= np.iinfo(np.uint16).max - 1:
+        raise ValueError(f"image {image}: {len(ids)} segments; at most 65533 are supported")
+
+
+def image_stats(gt_ids: np.ndarray, gt: Segments, pred_ids: np.ndarray, pred: Segments,
+                num_stats: int, image: str) -> np.ndarray:
+    """TP, FP, FN counts and the IoU sum per category index of one image: float64 (4, num_stats).
+
+    gt_ids / pred_ids: integer (H, W) segment-id maps in [0, 2^24), 0 = VOID. Segment ids must be
+    unique and in [1, 2^24) (checked by the callers, before any decoding).
+    """
+    if gt_ids.shape != pred_ids.shape:
+        raise ValueError(f"image {image}: the prediction is {pred_ids.shape[:2]} but the ground truth "
+                         f"is {gt_ids.shape[:2]}; predictions must be at the original image size")
+    num_gt, num_pred = len(gt.ids), len(pred.ids)
+    gt_index = _IdLookup.index(gt_ids, gt.ids)
+    pred_index = _IdLookup.index(pred_ids, pred.ids)
+    cols = num_pred + 2
+    # One bincount of (gt index, pred index) pairs: the whole confusion of this image's segments.
+    counts = np.bincount((gt_index.astype(np.intp) * cols + pred_index).ravel(),
+                         minlength=(num_gt + 2) * cols).reshape(num_gt + 2, cols)
+    pred_pixels = counts.sum(0)
+    if pred_pixels[0]:
+        unknown = np.setdiff1d(np.unique(pred_ids[pred_index == 0]), pred.ids)
+        raise ValueError(f"image {image}: segment id {int(unknown[0])} is in the prediction PNG but not "
+                         f"in its JSON segments_info (ids in the PNG not listed: {unknown[:10].tolist()})")
+    pred_area = pred_pixels[1:num_pred + 1]
+    if (pred_area == 0).any():
+        missing = pred.ids[pred_area == 0]
+        raise ValueError(f"image {image}: segment id {int(missing[0])} is in the prediction JSON but not "
+                         f"in its PNG (listed ids absent from the PNG: {missing[:10].tolist()})")
+    gt_area = counts[1:num_gt + 1].sum(1) if gt.area is None else gt.area
+    inter = counts[1:num_gt + 1, 1:num_pred + 1]
+    void = counts[num_gt + 1, 1:num_pred + 1]
+    # pq_compute looks only at pairs that intersect, of one category, with a non-crowd gt segment.
+    candidate = (inter > 0) & (gt.cats[:, None] == pred.cats[None, :]) & ~gt.iscrowd[:, None]
+    union = pred_area[None, :] + gt_area[:, None] - inter - void[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):  # only on inconsistent JSON areas
+        iou = inter / union
+    match = candidate & (iou > 0.5)
+    rows, cols_ = np.nonzero(match)
+    stats = np.zeros((4, num_stats))
+    stats[0] = np.bincount(gt.cats[rows], minlength=num_stats)
+    stats[3] = np.bincount(gt.cats[rows], weights=iou[rows, cols_], minlength=num_stats)
+    stats[2] = np.bincount(gt.cats[~match.any(1) & ~gt.iscrowd], minlength=num_stats)
+    # The crowd region of a category is its last crowd segment in JSON order (pq_compute's dict).
+    crowd_row = np.full(num_stats, -1)
+    for k in np.flatnonzero(gt.iscrowd):
+        crowd_row[gt.cats[k]] = k
+    rows = crowd_row[pred.cats]
+    crowd = np.where(rows >= 0, inter[rows.clip(0), np.arange(num_pred)] if num_gt else 0, 0)
+    ignored = (void + crowd) / pred_area > 0.5
+    stats[1] = np.bincount(pred.cats[~match.any(0) & ~ignored], minlength=num_stats)
+    return stats
+
+
+def pq_from_stats(stats: np.ndarray, categories: Categories) -> dict:
+    """`{"panoptic": {...}}` (percentages) from summed stats float64 (4, num_stats)."""
+    tp, fp, fn, iou = (stats[i, :len(categories.ids)] for i in range(4))
+    present = tp + fp + fn > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pq = np.where(present, iou / (tp + 0.5 * fp + 0.5 * fn), math.nan)
+        sq = np.where(present, np.where(tp > 0, iou / np.maximum(tp, 1), 0.0), math.nan)
+        rq = np.where(present, tp / (tp + 0.5 * fp + 0.5 * fn), math.nan)
+    isthing = np.array(categories.isthing, dtype=bool)
+    result: dict[str, Any] = {}
+    for suffix, keep in (("", np.ones_like(isthing)), ("_th", isthing), ("_st", ~isthing)):
+        selected = keep & present
+        for name, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
+            # pq_average: a plain sum in category order divided by the count.
+            total = sum(float(v) for v in values[selected])
+            result[name + suffix] = 100 * total / selected.sum() if selected.any() else math.nan
+    result["per_class"] = {
+        name: {"PQ": 100 * float(pq[k]), "SQ": 100 * float(sq[k]), "RQ": 100 * float(rq[k])}
+        for k, name in enumerate(_unique_names(categories))
+    }
+    return {"panoptic": result}
+
+
+def _unique_names(categories: Categories) -> list[str]:
+    names = list(categories.names)
+    seen: dict[str, int] = {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+    return [f"{name} ({cat_id})" if seen[name] > 1 else name for name, cat_id in zip(names, categories.ids)]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _load_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
+
+
+def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
+    """Segment ids of a COCO panoptic PNG: uint32 (H, W), id = R + 256 G + 256^2 B (alpha ignored)."""
+    with Image.open(path) as image:
+        if image.mode not in ("RGB", "RGBA"):
+            raise ValueError(f"panoptic PNG {path} has mode {image.mode}; expected RGB-encoded ids "
+                             "(RGB or RGBA)")
+        # RGBA viewed as little-endian uint32 is R + 2^8 G + 2^16 B + 2^24 A: one C conversion and
+        # one mask instead of three multiply-adds over int32 copies.
+        rgba = np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
+    return rgba.view("<u4")[..., 0] & np.uint32(0xFFFFFF)
+
+
+def categories_from_json(gt: dict, source: str) -> Categories:
+    """The ground truth's `categories` (id, name, isthing) in file order."""
+    entries = gt.get("categories") if isinstance(gt, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: no `categories` list; expected COCO panoptic ground truth")
+    for entry in entries:
+        if "id" not in entry or "isthing" not in entry:
+            raise ValueError(f"{source}: category {str(entry)[:200]} lacks `id` or `isthing`")
+    return Categories([int(c["id"]) for c in entries], [str(c.get("name", c["id"])) for c in entries],
+                      [c["isthing"] == 1 for c in entries])
+
+
+def _segments(ann: dict, categories: Categories, image: str, gt: bool) -> Segments:
+    info = ann.get("segments_info", [])
+    ids = np.array([int(s["id"]) for s in info], dtype=np.int64)
+    _check_segment_ids(ids, image)
+    unknown = len(categories.ids)
+    cats = []
+    for s in info:
+        cat = categories.index.get(int(s["category_id"]), unknown)
+        if cat == unknown and not gt:
+            raise ValueError(f"image {image}: segment id {s['id']} has unknown category_id "
+                             f"{s['category_id']}; expected one of the ground truth's categories")
+        cats.append(cat)
+    iscrowd = np.array([gt and s.get("iscrowd", 0) == 1 for s in info], dtype=bool)
+    area = None
+    if gt and all("area" in s for s in info):
+        area = np.array([s["area"] for s in info], dtype=np.int64)
+    return Segments(ids, np.array(cats, dtype=np.intp), iscrowd, area)
+
+
+@dataclass
+class _ImagePair:
+    name: str
+    gt_png: Path
+    pred_png: Path
+    gt: Segments
+    pred: Segments
+
+
+def _image_pairs(gt: dict, pred: dict, gt_dir: Path, pred_dir: Path,
+                 categories: Categories) -> list[_ImagePair]:
+    """Every ground-truth image with its prediction, validated before any PNG is decoded."""
+    predictions: dict[Any, dict] = {}
+    for ann in pred.get("annotations", []) if isinstance(pred, dict) else []:
+        if ann["image_id"] in predictions:
+            raise ValueError(f"predictions: image {ann['image_id']} has two annotations; expected one")
+        predictions[ann["image_id"]] = ann
+    if not isinstance(pred, dict) or "annotations" not in pred:
+        raise ValueError("predictions: no `annotations` list; expected COCO panoptic format")
+    pairs = []
+    for gt_ann in gt.get("annotations", []):
+        image_id = gt_ann["image_id"]
+        name = f"{image_id} ({gt_ann['file_name']})"
+        if image_id not in predictions:
+            raise ValueError(f"no prediction for the image with id {image_id}; the predictions JSON must "
+                             "annotate every ground-truth image")
+        pred_ann = predictions[image_id]
+        pair = _ImagePair(name, gt_dir / gt_ann["file_name"], pred_dir / pred_ann["file_name"],
+                          _segments(gt_ann, categories, name, gt=True),
+                          _segments(pred_ann, categories, name, gt=False))
+        for png, what in ((pair.gt_png, "ground-truth"), (pair.pred_png, "prediction")):
+            if not png.is_file():
+                raise FileNotFoundError(f"image {name}: {what} PNG not found: {png}")
+        pairs.append(pair)
+    return pairs
+
+
+def _pair_stats(pair: _ImagePair, num_stats: int) -> np.ndarray:
+    return image_stats(read_panoptic_png(pair.gt_png), pair.gt, read_panoptic_png(pair.pred_png),
+                       pair.pred, num_stats, pair.name)
+
+
+def score_panoptic(gt_json: str | os.PathLike, gt_dir: str | os.PathLike, pred_json: str | os.PathLike,
+                   pred_dir: str | os.PathLike, workers: int | None = None) -> dict:
+    """PQ/SQ/RQ (All, things, stuff, per class) of COCO panoptic predictions, as pq_compute.
+
+    gt_json / pred_json: COCO panoptic JSON files; gt_dir / pred_dir: their PNG folders. Every
+    ground-truth image needs a prediction; extra predicted images are ignored. workers: threads
+    decoding and counting (PIL and numpy release the GIL); default min(8, CPUs).
+    """
+    for folder, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
+        if not Path(folder).is_dir():
+            raise NotADirectoryError(f"{what} PNG folder not found: {folder}")
+    gt = _load_json(gt_json, "ground-truth")
+    categories = categories_from_json(gt, str(gt_json))
+    pairs = _image_pairs(gt, _load_json(pred_json, "predictions"), Path(gt_dir), Path(pred_dir),
+                         categories)
+    workers = workers or min(8, os.cpu_count() or 1)
+    stats = np.zeros((4, categories.num_stats))
+    with ThreadPoolExecutor(workers) as pool:
+        for image in pool.map(lambda p: _pair_stats(p, categories.num_stats), pairs):
+            stats += image
+    return pq_from_stats(stats, categories)
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+class PanopticEvaluator(Evaluator):
+    """PQ of panoptic predictions during training/eval; stats summed across ranks.
+
+    Targets: `panoptic` int64 (H, W) segment ids (0 = VOID), `segments` {"ids", "classes"
+    (contiguous), "iscrowd"} int64 (S,), `image_id`, optional `file_name`. Predictions:
+    `panoptic` int64 (H, W) and `segments` {"ids", "classes"}. Ids must lie in [1, 2^24).
+    Categories: meta's thing_ids + stuff_ids (all classes, as stuff, when neither is given).
+    Ground-truth areas are pixel counts. output_dir: also write the predictions in COCO
+    panoptic format (`panoptic_predictions.json` + `panoptic_predictions/*.png`).
+    """
+
+    def __init__(self, meta: DatasetMeta, output_dir: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.meta = meta
+        labels = sorted(set(meta.thing_ids) | set(meta.stuff_ids)) or list(range(meta.num_classes))
+        self._contiguous = labels
+        self.categories = Categories([meta.category_id(k) for k in labels], [meta.classes[k] for k in labels],
+                                     [k in meta.thing_ids for k in labels])
+        # contiguous class id -> category index; -1 = not a panoptic category
+        self._class_index = np.full(meta.num_classes, -1, dtype=np.intp)
+        self._class_index[labels] = np.arange(len(labels))
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.reset()
+
+    def reset(self) -> None:
+        import torch
+
+        self._add_state("stats", torch.zeros(4, self.categories.num_stats, dtype=torch.float64))
+        self._add_list_state("annotations")
+
+    def _segments(self, segments: dict, image: str, iscrowd: bool) -> Segments:
+        ids = _numpy(segments["ids"]).astype(np.int64).reshape(-1)
+        _check_segment_ids(ids, image)
+        classes = _numpy(segments["classes"]).astype(np.int64).reshape(-1)
+        bad = classes[(classes < 0) | (classes >= self.meta.num_classes)]
+        cats = self._class_index[classes.clip(0, self.meta.num_classes - 1)]
+        if bad.size or (cats < 0).any():
+            wrong = int(bad[0]) if bad.size else int(classes[cats < 0][0])
+            raise ValueError(f"image {image}: segment class {wrong} is not a panoptic category "
+                             f"(contiguous ids {self._contiguous})")
+        crowd = (_numpy(segments["iscrowd"]).reshape(-1) == 1 if iscrowd and "iscrowd" in segments
+                 else np.zeros(len(ids), dtype=bool))
+        return Segments(ids, cats, crowd)
+
+    @staticmethod
+    def _ids(panoptic: Any, image: str) -> np.ndarray:
+        ids = _numpy(panoptic)
+        if ids.size and (ids.min() < 0 or ids.max() >= MAX_ID):
+            raise ValueError(f"image {image}: panoptic ids must lie in [0, {MAX_ID}), got "
+                             f"[{ids.min()}, {ids.max()}]")
+        return ids.astype(np.int64, copy=False)
+
+    def process(self, batch: dict[str, Any], predictions: Sequence[dict]) -> None:
+        """batch["targets"]: per-image target dicts; predictions: per-image prediction dicts."""
+        import torch
+
+        targets = batch["targets"]
+        if len(targets) != len(predictions):
+            raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions in a batch")
+        for target, prediction in zip(targets, predictions):
+            image = str(int(target["image_id"]))
+            gt_ids, pred_ids = self._ids(target["panoptic"], image), self._ids(prediction["panoptic"], image)
+            pred = self._segments(prediction["segments"], image, iscrowd=False)
+            stats = image_stats(gt_ids, self._segments(target["segments"], image, iscrowd=True),
+                                pred_ids, pred, self.categories.num_stats, image)
+            self.stats += torch.from_numpy(stats)
+            if self.output_dir is not None:
+                self.annotations.append(self._write_png(target, pred_ids, pred))
+
+    def _write_png(self, target: dict, pred_ids: np.ndarray, pred: Segments) -> dict:
+        image_id = int(target["image_id"])
+        file_name = Path(str(target.get("file_name", f"{image_id:012d}"))).stem + ".png"
+        rgb = np.stack([(pred_ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
+        folder = self.output_dir / "panoptic_predictions"
+        write_atomically(folder / file_name, lambda f: Image.fromarray(rgb).save(f, format="PNG"),
+                         binary=True)
+        areas = np.bincount(_IdLookup.index(pred_ids, pred.ids).ravel(), minlength=len(pred.ids) + 2)
+        segments = [{"id": int(i), "category_id": self.categories.ids[c], "area": int(a)}
+                    for i, c, a in zip(pred.ids, pred.cats, areas[1:len(pred.ids) + 1])]
+        return {"image_id": image_id, "file_name": file_name, "segments_info": segments}
+
+    def _compute(self, state: dict[str, Any]) -> dict:
+        if self.output_dir is not None and is_main_process():
+            categories = [{"id": i, "name": n, "isthing": int(t)} for i, n, t in
+                          zip(self.categories.ids, self.categories.names, self.categories.isthing)]
+            text = json.dumps({"annotations": state["annotations"], "categories": categories})
+            write_atomically(self.output_dir / "panoptic_predictions.json", lambda f: f.write(text),
+                             binary=False)
+        return pq_from_stats(state["stats"].cpu().numpy(), self.categories)
