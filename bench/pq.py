@@ -5,7 +5,9 @@ on segment boundaries and in blobs; predictions: the same scene with jittered sh
 relabelled and hallucinated segments) are written to a temporary folder as COCO panoptic PNG+JSON
 first (not timed). Then, in the same run, each best of --rounds:
 
-  segtrain             score_panoptic(...) from the files (PNG decode included), default threads
+  segtrain             score_panoptic(...) from the files (PNG decode included), default threads:
+                       with torchvision imported (its PNG decoder: training, `segtrain eval`,
+                       Python callers) and, first, without (PIL: the torch-free `segtrain score`)
   pq_compute           panopticapi's pq_compute, its default worker processes (one per CPU)
   pq_compute 1 proc    the same with multiprocessing.cpu_count patched to 1
   decode floor         only decoding the 2 x --images PNGs with PIL (sequential and in segtrain's
@@ -17,7 +19,8 @@ and as whole processes, start-up included (median of --rounds):
   plain script         python -c "pq_compute(...)"
 
 All numbers must equal pq_compute's to 1e-6 (checked). Targets: pq_compute / segtrain >= 3,
-pq_compute 1 proc / segtrain >= 5, segtrain / decode floor <= 1.5, whole process >= 2.
+pq_compute 1 proc / segtrain >= 5, segtrain / decode floor <= 1.5 (each decoder against its own
+floor in the same thread pool), whole process >= 2.
 
     python bench/pq.py [--images 200] [--rounds 3]
 """
@@ -186,12 +189,14 @@ def decode_floors(paths: dict, rounds: int, workers: int) -> dict[str, float]:
     floors = {"PIL, sequential": best_of(rounds, lambda: [pil(f) for f in files])[0]}
     with ThreadPoolExecutor(workers) as pool:
         floors[f"PIL, {workers} threads"] = best_of(rounds, lambda: list(pool.map(pil, files)))[0]
-    try:
-        from torchvision.io import decode_png, read_file
-    except ImportError:
-        return floors
-    torchvision = best_of(rounds, lambda: [decode_png(read_file(str(f))) for f in files])[0]
-    floors["torchvision decode_png"] = torchvision
+    from torchvision.io import decode_png, read_file
+
+    def tv(path: Path):
+        return decode_png(read_file(str(path)))
+
+    floors["torchvision, sequential"] = best_of(rounds, lambda: [tv(f) for f in files])[0]
+    with ThreadPoolExecutor(workers) as pool:
+        floors[f"torchvision, {workers} threads"] = best_of(rounds, lambda: list(pool.map(tv, files)))[0]
     return floors
 
 
@@ -238,24 +243,32 @@ def main() -> None:
         segments = sum(len(a["segments_info"]) for a in annotations) / args.images
         print(f"{args.images} image pairs at {WIDTH}x{HEIGHT}, {segments:.1f} GT segments per image, "
               f"{os.cpu_count()} CPUs")
-        ours_s, ours = best_of(args.rounds, lambda: score_panoptic(**paths))
+        assert "torchvision" not in sys.modules, "the PIL path must be timed before torchvision loads"
+        pil_s, ours = best_of(args.rounds, lambda: score_panoptic(**paths))
+        import torchvision  # noqa: F401  (from here on score_panoptic decodes with torchvision)
+
+        ours_s, ours_tv = best_of(args.rounds, lambda: score_panoptic(**paths))
         one_thread_s, _ = best_of(args.rounds, lambda: score_panoptic(**paths, workers=1))
+        check_equal(ours_tv, ours)
         ref_s, ref = best_of(args.rounds, lambda: pq_compute(paths, None))
         ref1_s, ref1 = best_of(args.rounds, lambda: pq_compute(paths, 1))
         check_equal(ours, ref)
         check_equal(ours, ref1)
         floors = decode_floors(paths, args.rounds, workers)
         processes = whole_process(paths, folder, args.rounds)
-    print(f"segtrain score_panoptic ({workers} threads) {ours_s:6.2f} s   (1 thread: {one_thread_s:.2f} s)")
+    print(f"segtrain score_panoptic ({workers} threads) {ours_s:6.2f} s   (1 thread: {one_thread_s:.2f} s; "
+          f"PIL decoding, {workers} threads: {pil_s:.2f} s)")
     print(f"pq_compute ({os.cpu_count()} processes)       {ref_s:6.2f} s")
     print(f"pq_compute (1 process)           {ref1_s:6.2f} s")
     for name, seconds in floors.items():
         print(f"decode {2 * args.images} PNGs, {name:<22} {seconds:6.2f} s")
-    floor = floors[f"PIL, {workers} threads"]
     print(f"PQ {ours['panoptic']['PQ']:.3f}: every number equals pq_compute's to 1e-6")
     print(f"pq_compute / segtrain           = {_verdict(ref_s / ours_s, 3)}")
     print(f"pq_compute 1 proc / segtrain    = {_verdict(ref1_s / ours_s, 5)}")
-    print(f"segtrain / PIL decode floor     = {_verdict(ours_s / floor, 1.5, at_least=False)}")
+    print(f"segtrain / torchvision floor    = "
+          f"{_verdict(ours_s / floors[f'torchvision, {workers} threads'], 1.5, at_least=False)}")
+    print(f"segtrain (PIL) / PIL floor      = "
+          f"{_verdict(pil_s / floors[f'PIL, {workers} threads'], 1.5, at_least=False)}")
     for name, seconds in processes.items():
         print(f"whole process, {name:<17} {seconds:6.2f} s")
     print(f"plain pq_compute / segtrain score = "

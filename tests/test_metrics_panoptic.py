@@ -16,7 +16,7 @@ from conftest import run_cli
 from PIL import Image
 
 from segtrain.data.meta import DatasetMeta, default_palette
-from segtrain.metrics.panoptic import PanopticEvaluator, score_panoptic
+from segtrain.metrics.panoptic import PanopticEvaluator, read_panoptic_png, score_panoptic
 
 pq_evaluation = pytest.importorskip("panopticapi.evaluation",
                                     reason="panopticapi-lite (make test installs it)")
@@ -465,3 +465,25 @@ def test_score_panoptic_never_imports_torch(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.json").exists() and result.stdout.strip().endswith("no torch"), result.stdout
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_torchvision_and_pil_decoders_give_the_same_ids(tmp_path, monkeypatch, mode):
+    import torchvision  # noqa: F401  (with it imported, read_panoptic_png takes its decoder)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 2**24, (37, 53), dtype=np.uint32)
+    channels = [(ids >> shift) & 255 for shift in (0, 8, 16)]
+    if mode == "RGBA":
+        channels.append(rng.integers(0, 256, ids.shape, dtype=np.uint32))
+    Image.fromarray(np.stack(channels, -1).astype(np.uint8), mode).save(tmp_path / "ids.png")
+    Image.fromarray((ids & 255).astype(np.uint8), "L").save(tmp_path / "gray.png")
+    with_torchvision = read_panoptic_png(tmp_path / "ids.png")
+    with pytest.raises(ValueError, match="gray.png.*expected RGB-encoded ids"):
+        read_panoptic_png(tmp_path / "gray.png")
+    monkeypatch.delitem(sys.modules, "torchvision")
+    with_pil = read_panoptic_png(tmp_path / "ids.png")
+    with pytest.raises(ValueError, match="gray.png.*expected RGB-encoded ids"):
+        read_panoptic_png(tmp_path / "gray.png")
+    np.testing.assert_array_equal(with_torchvision, ids)
+    np.testing.assert_array_equal(with_pil, ids)

@@ -24,6 +24,8 @@ LRASPP_FILE = "lraspp_mobilenet_v3_large-d234d4ea.pth"
 MOBILENET_FILE = "mobilenet_v3_large-8738ca79.pth"
 # Instance segmentation models follow torchvision's detection contract instead of {"out": ...}.
 INSTANCE_MODELS = {"maskrcnn", "maskrcnn_v2", "maskrcnn_small"}
+# Panoptic FPN: the detection contract plus `sem_seg` logits; keyword args pass to build_maskrcnn.
+PANOPTIC_MODELS = {"panoptic_fpn", "panoptic_fpn_small"}
 
 
 def _model_cfg(path: Path):
@@ -49,7 +51,7 @@ def _lraspp(num_classes: int = 21, **kwargs) -> torch.nn.Module:
 def test_every_torchvision_builder_has_a_config():
     from segtrain.models.torchvision_seg import MODELS
 
-    assert {path.stem for path in MODEL_YAMLS} == set(MODELS) | {"unet"} | INSTANCE_MODELS
+    assert {path.stem for path in MODEL_YAMLS} == set(MODELS) | {"unet"} | INSTANCE_MODELS | PANOPTIC_MODELS
 
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
@@ -57,23 +59,34 @@ def test_model_config_keys_are_the_constructor_keywords(path):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("# ") and len(lines[0]) > 10, "first line: what the model is"
     cfg = _model_cfg(path)
-    signature = inspect.signature(get_object(cfg._target_))
-    assert set(cfg) - {"_target_"} <= set(signature.parameters)
-    assert OmegaConf.to_container(cfg)["num_classes"] == "${dataset.num_classes}"
+    keywords = set(inspect.signature(get_object(cfg._target_)).parameters)
+    if path.stem in PANOPTIC_MODELS:
+        from segtrain.models.maskrcnn import build_maskrcnn
+
+        keywords |= set(inspect.signature(build_maskrcnn).parameters) - {"num_classes"}
+        raw = OmegaConf.to_container(cfg)
+        assert (raw["num_things"], raw["num_stuff"]) == ("${oc.select:dataset.num_things,null}",
+                                                         "${oc.select:dataset.num_stuff,null}")
+    else:
+        assert OmegaConf.to_container(cfg)["num_classes"] == "${dataset.num_classes}"
+    assert set(cfg) - {"_target_"} <= keywords
 
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
 def test_model_config_instantiates_and_obeys_the_output_contract(path):
-    cfg = OmegaConf.merge({"dataset": {"num_classes": 5}}, {"model": _model_cfg(path)})
-    if path.stem in INSTANCE_MODELS:  # 64-px inputs and few proposals keep R50 fast on a CPU
+    cfg = OmegaConf.merge({"dataset": {"num_classes": 5, "num_things": 4, "num_stuff": 2}},
+                          {"model": _model_cfg(path)})
+    if path.stem in INSTANCE_MODELS | PANOPTIC_MODELS:  # 64-px inputs, few proposals: R50 fast on CPU
         cfg.model.merge_with({"min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_test": 50,
                               "rpn_post_nms_top_n_test": 20})
     model = instantiate(cfg.model)
     names = [name for name, _ in model.named_parameters()]
     assert any(n.startswith("backbone.") for n in names)
     assert any(not n.startswith("backbone.") for n in names), "a head outside the backbone"
-    if path.stem in INSTANCE_MODELS:
-        _check_instance_outputs(model, num_classes=5)
+    if path.stem in INSTANCE_MODELS | PANOPTIC_MODELS:
+        outputs = _check_instance_outputs(model, num_classes=5)
+        if path.stem in PANOPTIC_MODELS:  # 4 things + background; 2 stuff + one "things" class
+            assert [tuple(o["sem_seg"].shape) for o in outputs] == [(3, 64, 48), (3, 40, 64)]
         return
     aux_on = bool(cfg.model.get("aux_loss", cfg.model.get("aux_head", False)))
     out = _outputs(model, size=(64, 48))
@@ -84,7 +97,7 @@ def test_model_config_instantiates_and_obeys_the_output_contract(path):
         assert torch.isfinite(logits).all()
 
 
-def _check_instance_outputs(model: torch.nn.Module, num_classes: int) -> None:
+def _check_instance_outputs(model: torch.nn.Module, num_classes: int) -> list[dict]:
     """Eval mode: per image boxes (N, 4), labels in 1..C-1, scores, masks (N, 1, H, W)."""
     sizes = [(64, 48), (40, 64)]
     torch.manual_seed(0)
@@ -96,6 +109,7 @@ def _check_instance_outputs(model: torch.nn.Module, num_classes: int) -> None:
         assert output["boxes"].shape == (n, 4) and output["masks"].shape == (n, 1, *size)
         assert ((output["labels"] >= 1) & (output["labels"] < num_classes)).all()
         assert torch.isfinite(output["boxes"]).all() and torch.isfinite(output["masks"]).all()
+    return outputs
 
 
 def test_default_unet_is_small():

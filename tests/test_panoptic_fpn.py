@@ -37,7 +37,7 @@ def test_training_returns_mask_rcnn_losses_plus_the_semantic_loss_and_trains_bot
     assert float(losses[SEMANTIC_LOSS].detach()) == pytest.approx(math.log(3), abs=0.05)
     sum(losses.values()).backward()
     assert model.semantic_head.predictor.weight.grad.abs().sum() > 0
-    assert model.detector.backbone.body.layer4[0].conv1.weight.grad.abs().sum() > 0
+    assert model.backbone.body.layer4[0].conv1.weight.grad.abs().sum() > 0
 
 
 def test_an_unlabelled_batch_gives_a_zero_semantic_loss_not_nan():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -209,7 +210,14 @@ def _load_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
-    """Segment ids of a COCO panoptic PNG: uint32 (H, W), id = R + 256 G + 256^2 B (alpha ignored)."""
+    """Segment ids of a COCO panoptic PNG: uint32 (H, W), id = R + 256 G + 256^2 B (alpha ignored).
+
+    With torchvision already imported (training, `segtrain eval`, Python callers) its libpng
+    decoder is used: ~1.5x faster than PIL and it runs in parallel threads. `segtrain score` does
+    not import torch (over a second of start-up) and decodes with PIL.
+    """
+    if "torchvision" in sys.modules:
+        return _read_with_torchvision(Path(path))
     with Image.open(path) as image:
         if image.mode not in ("RGB", "RGBA"):
             raise ValueError(f"panoptic PNG {path} has mode {image.mode}; expected RGB-encoded ids "
@@ -218,6 +226,29 @@ def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
         # one mask instead of three multiply-adds over int32 copies.
         rgba = np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
     return rgba.view("<u4")[..., 0] & np.uint32(0xFFFFFF)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_with_torchvision(path: Path) -> np.ndarray:
+    import torch
+    from torchvision import io as tvio
+
+    data = tvio.read_file(str(path))
+    header = bytes(data[:26].tolist())
+    if len(header) < 26 or not header.startswith(_PNG_SIGNATURE):
+        raise ValueError(f"panoptic PNG {path} is not a PNG file")
+    if header[25] not in (2, 6):  # IHDR colour type: 2 RGB, 6 RGBA
+        raise ValueError(f"panoptic PNG {path} has PNG colour type {header[25]}; expected RGB-encoded "
+                         "ids (RGB or RGBA)")
+    try:
+        rgba = tvio.decode_png(data, tvio.ImageReadMode.RGB_ALPHA)
+    except RuntimeError as err:
+        raise ValueError(f"panoptic PNG {path} could not be decoded: {err}") from err
+    # (H, W, 4) bytes viewed as little-endian int32: R + 2^8 G + 2^16 B + 2^24 A, as the PIL path.
+    ids = rgba.permute(1, 2, 0).contiguous().view(torch.int32)[..., 0] & 0xFFFFFF
+    return ids.numpy().view(np.uint32)
 
 
 def categories_from_json(gt: dict, source: str) -> Categories:

@@ -52,6 +52,10 @@ class SemanticFPNHead(nn.Module):
 class PanopticFPN(nn.Module):
     """A torchvision Mask R-CNN whose FPN features also feed a SemanticFPNHead.
 
+    The Mask R-CNN's parts are attributes under their own names (`transform`, `backbone`, `rpn`,
+    `roi_heads`), so state-dict keys equal Mask R-CNN's (its checkpoints load as they are) and
+    the optimizer's `backbone.` prefix finds the backbone.
+
     Semantic classes: 0 = every thing merged, 1..num_stuff = the stuff classes (detectron2's
     layout); `ignore_index` pixels count nowhere. Train mode: `model(images, targets)` with
     targets holding Mask R-CNN's `boxes`/`labels`/`masks` plus `semantic` int64 (H, W) in that
@@ -63,7 +67,8 @@ class PanopticFPN(nn.Module):
     def __init__(self, detector: MaskRCNN, num_stuff: int, semantic_channels: int = 128,
                  ignore_index: int = 255) -> None:
         super().__init__()
-        self.detector = detector
+        self.transform, self.backbone = detector.transform, detector.backbone
+        self.rpn, self.roi_heads = detector.rpn, detector.roi_heads
         self.semantic_head = SemanticFPNHead(num_stuff + 1, detector.backbone.out_channels, semantic_channels)
         self.ignore_index = ignore_index
 
@@ -75,10 +80,10 @@ class PanopticFPN(nn.Module):
         detector_targets = None
         if targets is not None:
             detector_targets = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
-        batch, detector_targets = self.detector.transform(images, detector_targets)
-        features = self.detector.backbone(batch.tensors)
-        proposals, rpn_losses = self.detector.rpn(batch, features, detector_targets)
-        detections, roi_losses = self.detector.roi_heads(features, proposals, batch.image_sizes,
+        batch, detector_targets = self.transform(images, detector_targets)
+        features = self.backbone(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, detector_targets)
+        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes,
                                                           detector_targets)
         logits = self.semantic_head(features)
         if self.training:
@@ -89,7 +94,7 @@ class PanopticFPN(nn.Module):
             else:  # nothing labelled in the batch: CE's mean would be 0/0
                 loss = logits.sum() * 0.0
             return {**rpn_losses, **roi_losses, SEMANTIC_LOSS: loss}
-        detections = self.detector.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        detections = self.transform.postprocess(detections, batch.image_sizes, original_sizes)
         for i, (detection, (h, w)) in enumerate(zip(detections, batch.image_sizes)):
             # Crop the padding, then back to the size the image had before the model resized it.
             detection["sem_seg"] = nnf.interpolate(logits[i:i + 1, :, :h, :w], size=original_sizes[i],
