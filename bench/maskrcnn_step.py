@@ -1,0 +1,127 @@
+"""Seconds per Mask R-CNN training iteration: segtrain's Trainer against a bare torchvision step.
+
+Issue 3's GPU figure: Mask R-CNN R50-FPN (model=maskrcnn's torchvision defaults, from scratch),
+batch 4 of 800x1333 images with 8 instances each, fp32 / bf16 / fp16 autocast. Both loops use
+the same model copy, batches (already on the device's side of the loader), AdamW and poly
+schedule; rounds alternate, medians compared. Target on a GPU: ratio <= 1.05 and bf16 faster
+than fp32. On a CPU use small sizes to check that it runs:
+
+    python bench/maskrcnn_step.py --device cuda --precision bf16
+    python bench/maskrcnn_step.py --device cpu --height 128 --width 160 --batch 2 --iters 3 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from train_overhead import InMemoryBatches
+
+from segtrain.engine.evaluation import autocast_context
+from segtrain.engine.trainer import Trainer, TrainerConfig, resolve_device
+from segtrain.models.maskrcnn import build_maskrcnn
+from segtrain.optim.schedulers import poly
+from segtrain.tasks.instance import InstanceTask
+
+CLASSES = 81
+
+
+def make_batches(n: int, batch: int, height: int, width: int, objects: int) -> list[dict]:
+    """`n` InstanceTask batches of random images with `objects` box-shaped instances each."""
+    g = torch.Generator().manual_seed(0)
+    task = InstanceTask(CLASSES)
+    batches = []
+    for _ in range(n):
+        samples = []
+        for i in range(batch):
+            xy = torch.rand(objects, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+            wh = (0.1 + 0.2 * torch.rand(objects, 2, generator=g)) * torch.tensor([width, height])
+            boxes = torch.cat([xy, xy + wh], 1).floor()
+            masks = torch.zeros(objects, height, width, dtype=torch.bool)
+            for k, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+                masks[k, y0:y1, x0:x1] = True
+            target = {"boxes": boxes, "masks": masks, "iscrowd": torch.zeros(objects, dtype=torch.int64),
+                      "labels": torch.randint(1, CLASSES, (objects,), generator=g), "image_id": i,
+                      "orig_size": torch.tensor([height, width])}
+            image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+            samples.append((image, target))
+        batches.append(task.collate(samples))
+    return batches
+
+
+def bare_loop(model, task, batches, iters, device, precision) -> float:
+    """torchvision's reference step: model(images, targets) -> summed losses -> backward -> step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = poly(optimizer, total_iters=iters)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model.train()
+    start = time.perf_counter()
+    for i in range(iters):
+        batch = task.to_device(batches[i % len(batches)], device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, precision):
+            losses = model([image.float() / 255 for image in batch["images"]], batch["train_targets"])
+        scaler.scale(sum(loss.float() for loss in losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def trainer_loop(model, task, batches, iters, device, precision, run_dir: Path) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cfg = TrainerConfig(max_iters=iters, eval_every=0, ckpt_every=0, precision=precision,
+                        device=str(device), log_every=20, keep_last=0, best_metric=None, vis_images=0)
+    trainer = Trainer(model, task, optimizer, poly, InMemoryBatches(batches), None, cfg, run_dir,
+                      checkpoint_extra={"config": "{}", "meta": {}})
+    start = time.perf_counter()
+    trainer.fit()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1333)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    # min/max_size equal to the input: the model's own resize keeps 800x1333 as it is.
+    reference = build_maskrcnn(CLASSES, min_size=min(args.height, args.width),
+                               max_size=max(args.height, args.width)).to(device)
+    task = InstanceTask(CLASSES)
+    batches = make_batches(2, args.batch, args.height, args.width, objects=8)
+    bare, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        bare_loop(copy.deepcopy(reference), task, batches, 2, device, args.precision)  # warm-up
+        for r in range(args.rounds):
+            bare.append(bare_loop(copy.deepcopy(reference), task, batches, args.iters, device,
+                                  args.precision))
+            ours.append(trainer_loop(copy.deepcopy(reference), task, batches, args.iters, device,
+                                     args.precision, Path(tmp) / f"r{r}"))
+    b, t = statistics.median(bare), statistics.median(ours)
+    print(f"device {device}, precision {args.precision}, batch {args.batch}x3x{args.height}x{args.width}, "
+          f"{args.iters} iters x {args.rounds} rounds")
+    print(f"bare torchvision step {b:.4f} s/iter  (rounds: {', '.join(f'{x:.4f}' for x in bare)})")
+    print(f"segtrain Trainer      {t:.4f} s/iter  (rounds: {', '.join(f'{x:.4f}' for x in ours)})")
+    ratio = t / b
+    print(f"ratio trainer/bare = {ratio:.3f} (target <= 1.05): {'PASS' if ratio <= 1.05 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
