@@ -331,3 +331,31 @@ def test_instance_train_then_eval_reproduces_mask_ap_and_writes_results(tmp_path
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again == metrics
     assert (tmp_path / "eval" / "coco_instances_results.json").exists()
+
+
+PANOPTIC_TINY = [
+    "experiment=synthetic_panoptic_fpn", "dataset.train.num_samples=8", "dataset.val.num_samples=4",
+    "model.min_size=64", "model.max_size=64", "data.batch_size=2", "data.num_workers=0",
+    "trainer.max_iters=2", "trainer.eval_every=2", "trainer.device=cpu", "trainer.vis_images=1",
+    "task.instance_score_thresh=0.0", "task.stuff_area_thresh=1",
+]
+
+
+def test_panoptic_train_then_eval_reproduces_pq_and_writes_coco_panoptic(tmp_path):
+    run_dir = tmp_path / "pfpn"
+    trained = run_cli("train", *PANOPTIC_TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"panoptic"}
+    assert {"PQ", "PQ_th", "PQ_st", "per_class"} <= metrics["panoptic"].keys()
+    predictions = json.loads((run_dir / "panoptic_predictions.json").read_text())
+    assert len(predictions["annotations"]) == 4
+    for ann in predictions["annotations"]:
+        assert (run_dir / "panoptic_predictions" / ann["file_name"]).is_file()
+    assert (run_dir / "checkpoints" / "best.pt").exists()  # best_metric=auto -> panoptic/PQ
+
+    evaluated = run_cli("eval", f"ckpt={run_dir / 'checkpoints' / 'last.pt'}",
+                        f"output={tmp_path / 'eval'}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "eval" / "panoptic_predictions.json").exists()

@@ -487,3 +487,15 @@ def test_torchvision_and_pil_decoders_give_the_same_ids(tmp_path, monkeypatch, m
         read_panoptic_png(tmp_path / "gray.png")
     np.testing.assert_array_equal(with_torchvision, ids)
     np.testing.assert_array_equal(with_pil, ids)
+
+
+def test_metrics_are_plain_floats_as_checkpoints_need():
+    from segtrain.metrics.panoptic import Categories, pq_from_stats
+
+    categories = Categories([1, 2], ["thing", "stuff"], [True, False])
+    stats = np.array([[2, 1, 0], [1, 0, 0], [0, 1, 0], [1.5, 0.7, 0]], dtype=np.float64)
+    panoptic = pq_from_stats(stats, categories)["panoptic"]
+    values = [v for k, v in panoptic.items() if k != "per_class"]
+    values += [v for per in panoptic["per_class"].values() for v in per.values()]
+    assert values and all(type(v) is float for v in values)  # numpy scalars fail torch.load(weights_only)
+    assert panoptic["PQ_th"] == pytest.approx(100 * 1.5 / (2 + 0.5))

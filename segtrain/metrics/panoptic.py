@@ -179,7 +179,8 @@ def pq_from_stats(stats: np.ndarray, categories: Categories) -> dict:
         for name, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
             # pq_average: a plain sum in category order divided by the count.
             total = sum(float(v) for v in values[selected])
-            result[name + suffix] = 100 * total / selected.sum() if selected.any() else math.nan
+            # Plain floats: metrics end up in checkpoints, which load with weights_only=True.
+            result[name + suffix] = 100 * total / int(selected.sum()) if selected.any() else math.nan
     result["per_class"] = {
         name: {"PQ": 100 * float(pq[k]), "SQ": 100 * float(sq[k]), "RQ": 100 * float(rq[k])}
         for k, name in enumerate(_unique_names(categories))
