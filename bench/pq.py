@@ -249,7 +249,7 @@ def main() -> None:
 
         ours_s, ours_tv = best_of(args.rounds, lambda: score_panoptic(**paths))
         one_thread_s, _ = best_of(args.rounds, lambda: score_panoptic(**paths, workers=1))
-        check_equal(ours_tv, ours)
+        assert json.dumps(ours_tv) == json.dumps(ours), "the two decoders must give the same numbers"
         ref_s, ref = best_of(args.rounds, lambda: pq_compute(paths, None))
         ref1_s, ref1 = best_of(args.rounds, lambda: pq_compute(paths, 1))
         check_equal(ours, ref)

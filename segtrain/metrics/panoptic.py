@@ -78,20 +78,22 @@ class Segments:
 
 
 class _IdLookup:
-    """Maps segment ids to 1..S, VOID to S + 1 and any other id to 0, through a reused table.
+    """Maps segment ids to (1..S) * scale, VOID to (S + 1) * scale and any other id to 0.
 
-    The table (2^24 uint16, 32 MiB, pages touched lazily) is per thread: lookups run in a pool.
+    Through a reused per-thread table (lookups run in a pool) of 2^24 int64: 128 MiB of address
+    space from calloc, of which only the pages holding the ids looked up are ever touched. int64
+    pixels and codes avoid every conversion copy in `take` and in the caller's `bincount`.
     """
 
     _local = threading.local()
 
     @classmethod
-    def index(cls, pixels: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    def codes(cls, pixels: np.ndarray, segment_ids: np.ndarray, scale: int = 1) -> np.ndarray:
         table = getattr(cls._local, "table", None)
         if table is None:
-            table = cls._local.table = np.zeros(MAX_ID, np.uint16)
-        table[segment_ids] = np.arange(1, len(segment_ids) + 1, dtype=np.uint16)
-        table[VOID] = len(segment_ids) + 1
+            table = cls._local.table = np.zeros(MAX_ID, np.int64)
+        table[segment_ids] = np.arange(1, len(segment_ids) + 1, dtype=np.int64) * scale
+        table[VOID] = (len(segment_ids) + 1) * scale
         try:
             return table.take(pixels)
         finally:
@@ -123,15 +125,14 @@ def image_stats(gt_ids: np.ndarray, gt: Segments, pred_ids: np.ndarray, pred: Se
         raise ValueError(f"image {image}: the prediction is {pred_ids.shape[:2]} but the ground truth "
                          f"is {gt_ids.shape[:2]}; predictions must be at the original image size")
     num_gt, num_pred = len(gt.ids), len(pred.ids)
-    gt_index = _IdLookup.index(gt_ids, gt.ids)
-    pred_index = _IdLookup.index(pred_ids, pred.ids)
     cols = num_pred + 2
-    # One bincount of (gt index, pred index) pairs: the whole confusion of this image's segments.
-    counts = np.bincount((gt_index.astype(np.intp) * cols + pred_index).ravel(),
-                         minlength=(num_gt + 2) * cols).reshape(num_gt + 2, cols)
+    # One bincount of (gt index, pred index) codes: the whole confusion of this image's segments.
+    codes = _IdLookup.codes(gt_ids, gt.ids, scale=cols)
+    codes += _IdLookup.codes(pred_ids, pred.ids)
+    counts = np.bincount(codes.ravel(), minlength=(num_gt + 2) * cols).reshape(num_gt + 2, cols)
     pred_pixels = counts.sum(0)
     if pred_pixels[0]:
-        unknown = np.setdiff1d(np.unique(pred_ids[pred_index == 0]), pred.ids)
+        unknown = np.setdiff1d(np.unique(pred_ids), np.append(pred.ids, VOID))
         raise ValueError(f"image {image}: segment id {int(unknown[0])} is in the prediction PNG but not "
                          f"in its JSON segments_info (ids in the PNG not listed: {unknown[:10].tolist()})")
     pred_area = pred_pixels[1:num_pred + 1]
@@ -211,7 +212,7 @@ def _load_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
-    """Segment ids of a COCO panoptic PNG: uint32 (H, W), id = R + 256 G + 256^2 B (alpha ignored).
+    """Segment ids of a COCO panoptic PNG: int64 (H, W), id = R + 256 G + 256^2 B (alpha ignored).
 
     With torchvision already imported (training, `segtrain eval`, Python callers) its libpng
     decoder is used: ~1.5x faster than PIL and it runs in parallel threads. `segtrain score` does
@@ -226,14 +227,13 @@ def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
         # RGBA viewed as little-endian uint32 is R + 2^8 G + 2^16 B + 2^24 A: one C conversion and
         # one mask instead of three multiply-adds over int32 copies.
         rgba = np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
-    return rgba.view("<u4")[..., 0] & np.uint32(0xFFFFFF)
+    return (rgba.view("<u4")[..., 0] & np.uint32(0xFFFFFF)).astype(np.int64)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _read_with_torchvision(path: Path) -> np.ndarray:
-    import torch
     from torchvision import io as tvio
 
     data = tvio.read_file(str(path))
@@ -244,12 +244,16 @@ def _read_with_torchvision(path: Path) -> np.ndarray:
         raise ValueError(f"panoptic PNG {path} has PNG colour type {header[25]}; expected RGB-encoded "
                          "ids (RGB or RGBA)")
     try:
-        rgba = tvio.decode_png(data, tvio.ImageReadMode.RGB_ALPHA)
+        rgb = tvio.decode_png(data, tvio.ImageReadMode.RGB).numpy()  # planar (3, H, W)
     except RuntimeError as err:
         raise ValueError(f"panoptic PNG {path} could not be decoded: {err}") from err
-    # (H, W, 4) bytes viewed as little-endian int32: R + 2^8 G + 2^16 B + 2^24 A, as the PIL path.
-    ids = rgba.permute(1, 2, 0).contiguous().view(torch.int32)[..., 0] & 0xFFFFFF
-    return ids.numpy().view(np.uint32)
+    # In place on one int64 array: the fewest passes over the pixels (measured).
+    ids = rgb[2].astype(np.int64)
+    ids <<= 8
+    ids |= rgb[1]
+    ids <<= 8
+    ids |= rgb[0]
+    return ids
 
 
 def categories_from_json(gt: dict, source: str) -> Categories:
@@ -431,7 +435,7 @@ class PanopticEvaluator(Evaluator):
         folder = self.output_dir / "panoptic_predictions"
         write_atomically(folder / file_name, lambda f: Image.fromarray(rgb).save(f, format="PNG"),
                          binary=True)
-        areas = np.bincount(_IdLookup.index(pred_ids, pred.ids).ravel(), minlength=len(pred.ids) + 2)
+        areas = np.bincount(_IdLookup.codes(pred_ids, pred.ids).ravel(), minlength=len(pred.ids) + 2)
         segments = [{"id": int(i), "category_id": self.categories.ids[c], "area": int(a)}
                     for i, c, a in zip(pred.ids, pred.cats, areas[1:len(pred.ids) + 1])]
         return {"image_id": image_id, "file_name": file_name, "segments_info": segments}
