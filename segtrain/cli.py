@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -89,6 +90,37 @@ def score_app(cfg: DictConfig) -> None:
 APPS = {"train": train_app, "eval": eval_app, "score": score_app}
 
 
+def score_fast(overrides: list[str]) -> None:
+    """`segtrain score key=value ...` through Hydra's compose API: the same config, overrides and
+    errors as the Hydra app, composed once instead of twice and without Hydra's job machinery —
+    about 0.6 s less start-up, which is most of scoring a small file (the command is compared
+    with plain pycocotools/panopticapi scripts). The run directory gets `.hydra/config.yaml` and
+    `overrides.yaml` as under Hydra; options (`--help`, `--cfg`, `-m`) go to the Hydra app."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+
+    try:
+        with initialize_config_module(config_module="segtrain.conf", version_base="1.3"):
+            cfg = compose("score", overrides, return_hydra_config=True)
+    except HydraException as err:
+        cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
+        print(f"error: {err}{cause}", file=sys.stderr)
+        sys.exit(1)
+    run_dir = Path(cfg.hydra.run.dir).absolute()
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    job_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(job_cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    from segtrain.score import score
+
+    _run_guarded(score, job_cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `segtrain <command> ...`; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -104,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{command}'; valid commands: {valid}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
+    if command == "score" and not any(arg.startswith("-") for arg in rest):
+        score_fast(rest)
+        return 0
     # Hydra reads sys.argv itself; the program name shows in its --help output.
     sys.argv = [f"segtrain {command}", *rest]
     APPS[command]()

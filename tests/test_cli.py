@@ -359,3 +359,18 @@ def test_panoptic_train_then_eval_reproduces_pq_and_writes_coco_panoptic(tmp_pat
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
     assert (tmp_path / "eval" / "panoptic_predictions.json").exists()
+
+
+def test_score_typo_is_named_and_the_run_directory_keeps_the_config(tmp_path):
+    _write_coco_case(tmp_path)
+    args = ["score", "task=instance", f"gt={tmp_path / 'instances.json'}",
+            f"pred={tmp_path / 'results.json'}"]
+    typo = run_cli(*args, "iou_type=segm", cwd=tmp_path)
+    assert typo.returncode == 1 and "iou_type" in typo.stderr and "not in struct" in typo.stderr
+    assert not (tmp_path / "outputs").exists()
+    scored = run_cli(*args, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    (run_dir,) = (tmp_path / "outputs" / "score").glob("*/*")
+    assert json.loads((run_dir / "metrics.json").read_text())["segm"]["AP"] >= 0
+    assert f"gt: {tmp_path / 'instances.json'}" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text().splitlines()[0] == "- task=instance"
