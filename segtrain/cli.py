@@ -20,7 +20,8 @@ COMMANDS = {
     "train": "train a model (default: small U-Net on the built-in synthetic dataset)",
     "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [overrides]",
     "score": "score prediction files without a model: task=semantic gt=DIR pred=DIR num_classes=N;\n"
-             "         task=instance|lvis gt=GT.json pred=RESULTS.json",
+             "         task=instance|lvis gt=GT.json pred=RESULTS.json;\n"
+             "         task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
 }
 
 # Errors a user can cause (bad paths, bad values, bad files): shown as one paragraph, no traceback.
