@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from train_overhead import InMemoryBatches
+from train_overhead import trainer_loop
 
 from segtrain.engine.evaluation import autocast_context
-from segtrain.engine.trainer import Trainer, TrainerConfig, resolve_device
+from segtrain.engine.trainer import resolve_device
 from segtrain.models.maskrcnn import build_maskrcnn
 from segtrain.optim.schedulers import poly
 from segtrain.tasks.instance import InstanceTask
@@ -75,19 +75,6 @@ def bare_loop(model, task, batches, iters, device, precision) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def trainer_loop(model, task, batches, iters, device, precision, run_dir: Path) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cfg = TrainerConfig(max_iters=iters, eval_every=0, ckpt_every=0, precision=precision,
-                        device=str(device), log_every=20, keep_last=0, best_metric=None, vis_images=0)
-    trainer = Trainer(model, task, optimizer, poly, InMemoryBatches(batches), None, cfg, run_dir,
-                      checkpoint_extra={"config": "{}", "meta": {}})
-    start = time.perf_counter()
-    trainer.fit()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -113,7 +100,7 @@ def main() -> None:
             bare.append(bare_loop(copy.deepcopy(reference), task, batches, args.iters, device,
                                   args.precision))
             ours.append(trainer_loop(copy.deepcopy(reference), task, batches, args.iters, device,
-                                     args.precision, Path(tmp) / f"r{r}"))
+                                     args.precision, Path(tmp) / f"r{r}", lr=1e-4))
     b, t = statistics.median(bare), statistics.median(ours)
     print(f"device {device}, precision {args.precision}, batch {args.batch}x3x{args.height}x{args.width}, "
           f"{args.iters} iters x {args.rounds} rounds")

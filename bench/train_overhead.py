@@ -78,8 +78,8 @@ def bare_loop(model, task, batches, iters, device, precision) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def trainer_loop(model, task, batches, iters, device, precision, run_dir: Path) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def trainer_loop(model, task, batches, iters, device, precision, run_dir: Path, lr: float = 1e-3) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     cfg = TrainerConfig(max_iters=iters, eval_every=0, ckpt_every=0, precision=precision,
                         device=str(device), log_every=20, keep_last=0, best_metric=None,
                         vis_images=0)

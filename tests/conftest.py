@@ -58,6 +58,17 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
     )
 
 
+def score_loads_torch(args: list[str], cwd: Path) -> bool:
+    """Run `segtrain score ARGS` in a fresh interpreter; whether it imported torch (it must
+    not: start-up is part of score's speed, and torch alone costs 1.5-2.5 s)."""
+    code = (f"import sys\nfrom segtrain.cli import main\nmain({['score', *args]!r})\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return not result.stdout.strip().endswith("no torch")
+
+
 @pytest.fixture
 def no_downloads(monkeypatch):
     """Any attempt to fetch weights over the network fails the test."""

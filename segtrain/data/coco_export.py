@@ -13,6 +13,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from segtrain.data.export import items_with_unique_ids
+
 
 def write_coco_instances(dataset: Dataset, out_dir: str | os.PathLike, split: str = "val") -> Path:
     """Save every item as a COCO 2017-style dataset; returns the annotation file's path.
@@ -35,13 +37,7 @@ def write_coco_instances(dataset: Dataset, out_dir: str | os.PathLike, split: st
     ]
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for index in range(len(dataset)):
-        image, target = dataset[index]
-        image_id = int(target["image_id"])
-        if image_id in seen:
-            raise ValueError(f"write_coco_instances: item {index} repeats image_id {image_id}")
-        seen.add(image_id)
+    for _, image, target, image_id in items_with_unique_ids(dataset, "write_coco_instances"):
         height, width = image.shape[-2:]
         file_name = f"{image_id:012d}.png"
         pixels = torch.as_tensor(image).permute(1, 2, 0).contiguous().numpy()

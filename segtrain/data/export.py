@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -45,3 +47,16 @@ def _label_palette(meta: DatasetMeta | None) -> list[tuple[int, int, int]] | Non
     if len(palette) <= meta.ignore_index < 256:
         palette += [(0, 0, 0)] * (meta.ignore_index - len(palette)) + [_VOID_COLOUR]
     return palette
+
+
+def items_with_unique_ids(dataset: Dataset, writer: str) -> Iterator[tuple[int, Any, dict, int]]:
+    """(index, image, target, image_id) of every item; ValueError naming `writer` and the item
+    when an image_id repeats (the formats key everything by it)."""
+    seen: set[int] = set()
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        image_id = int(target["image_id"])
+        if image_id in seen:
+            raise ValueError(f"{writer}: item {index} repeats image_id {image_id}")
+        seen.add(image_id)
+        yield index, image, target, image_id

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from segtrain.data.export import items_with_unique_ids
 from segtrain.data.meta import DatasetMeta
 from segtrain.data.panoptic import id_to_rgb, masks_to_boxes, segment_index
 
@@ -36,13 +37,7 @@ def write_coco_panoptic(dataset: Dataset, out_dir: str | os.PathLike, split: str
     meta: DatasetMeta = dataset.meta
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for index in range(len(dataset)):
-        image, target = dataset[index]
-        image_id = int(target["image_id"])
-        if image_id in seen:
-            raise ValueError(f"write_coco_panoptic: item {index} repeats image_id {image_id}")
-        seen.add(image_id)
+    for index, image, target, image_id in items_with_unique_ids(dataset, "write_coco_panoptic"):
         stem = str(target.get("file_name") or f"{image_id:012d}")
         panoptic = torch.as_tensor(target["panoptic"]).to(torch.int64)
         if panoptic.numel() and not 0 <= int(panoptic.min()) <= int(panoptic.max()) < 256**3:

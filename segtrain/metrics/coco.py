@@ -31,7 +31,7 @@ from segtrain.metrics.base import Evaluator
 from segtrain.metrics.fast_cocoeval import FastCOCOeval
 from segtrain.metrics.rle import encode_in_boxes
 from segtrain.utils.distributed import is_main_process
-from segtrain.utils.files import write_atomically
+from segtrain.utils.files import load_json, write_atomically
 
 IOU_TYPES = ("segm", "bbox")
 AREA_FROM = ("mask", "bbox")
@@ -133,18 +133,6 @@ def targets_to_annotations(target: dict, meta: DatasetMeta) -> tuple[dict, list[
                                                   iscrowd)
     ]
     return image, annotations
-
-
-def load_json(path: str | Path, what: str) -> Any:
-    """Parsed JSON; FileNotFoundError / ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
 
 
 def build_coco(dataset: dict) -> COCO:

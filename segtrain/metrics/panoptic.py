@@ -39,7 +39,7 @@ from PIL import Image
 from segtrain.data.meta import DatasetMeta
 from segtrain.metrics.base import Evaluator
 from segtrain.utils.distributed import is_main_process
-from segtrain.utils.files import write_atomically
+from segtrain.utils.files import load_json, write_atomically
 
 VOID = 0
 MAX_ID = 256**3  # ids are RGB-encoded: id = R + 256 G + 256^2 B
@@ -200,17 +200,6 @@ def _unique_names(categories: Categories) -> list[str]:
 # ----------------------------------------------------------------------------- files
 
 
-def _load_json(path: str | os.PathLike, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
-
-
 def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     """Segment ids of a COCO panoptic PNG: int64 (H, W), id = R + 256 G + 256^2 B (alpha ignored).
 
@@ -340,9 +329,9 @@ def score_panoptic(gt_json: str | os.PathLike, gt_dir: str | os.PathLike, pred_j
     for folder, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
         if not Path(folder).is_dir():
             raise NotADirectoryError(f"{what} PNG folder not found: {folder}")
-    gt = _load_json(gt_json, "ground-truth")
+    gt = load_json(gt_json, "ground-truth")
     categories = categories_from_json(gt, str(gt_json))
-    pairs = _image_pairs(gt, _load_json(pred_json, "predictions"), Path(gt_dir), Path(pred_dir),
+    pairs = _image_pairs(gt, load_json(pred_json, "predictions"), Path(gt_dir), Path(pred_dir),
                          categories)
     workers = workers or min(8, os.cpu_count() or 1)
     stats = np.zeros((4, categories.num_stats))

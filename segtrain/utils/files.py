@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -34,3 +35,15 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], None], 
         finally:
             os.close(dir_fd)
     return path
+
+
+def load_json(path: str | os.PathLike, what: str) -> Any:
+    """Parsed JSON; FileNotFoundError / ValueError naming the file and what it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
