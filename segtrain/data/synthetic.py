@@ -8,16 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.nn import functional as nnf
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from segtrain.data.meta import DatasetMeta, default_palette
 from segtrain.data.panoptic import masks_to_boxes, panoptic_targets
+from segtrain.data.synthetic_shapes import SHAPE_FNS, class_hues, hsv_to_rgb, outline_band
 
 Tensor = torch.Tensor
 
-# Kinds 2f+1 and 2f+2 share a hue family (see `_class_hues`), so colour alone cannot reliably
+# Kinds 2f+1 and 2f+2 share a hue family (see `class_hues`), so colour alone cannot reliably
 # tell a circle from a rectangle or a ring from a cross: a model has to look at the shape. Each
 # pair couples curved outlines with straight ones, which a small CNN learns to tell apart.
 SHAPES = (
@@ -113,7 +113,7 @@ class SyntheticDataset(Dataset):
         # Shape kinds are 1..K in both modes; the background is class 0 or the stuff classes.
         self._num_kinds = self.num_classes - max(self.stuff_classes, 1)
         self.meta = self._build_meta()
-        self._hues = _class_hues(self._num_kinds + 1)
+        self._hues = class_hues(self._num_kinds + 1, _PAIR_HUE_OFFSET)
         # Pixel-centre coordinates, shared by every sample.
         self._ys = torch.arange(height, dtype=torch.float32).view(-1, 1) + 0.5
         self._xs = torch.arange(width, dtype=torch.float32).view(1, -1) + 0.5
@@ -195,7 +195,7 @@ class SyntheticDataset(Dataset):
         height, width = self.size
         r = torch.rand(11, generator=g).tolist()
         # Low saturation keeps the background from posing as a shape, yet hue varies freely.
-        ends = _hsv_to_rgb(
+        ends = hsv_to_rgb(
             torch.tensor([r[0], r[1]]),
             torch.tensor([0.35 * r[2], 0.35 * r[3]]),
             torch.tensor([0.25 + 0.6 * r[4], 0.25 + 0.6 * r[5]]),
@@ -240,7 +240,7 @@ class SyntheticDataset(Dataset):
         hue = (self._hues[kinds] + _HUE_JITTER * (params[:, 6] - 0.5)) % 1.0
         saturation = 0.55 + 0.4 * params[:, 7]
         value = 0.55 + 0.4 * params[:, 8]
-        return _hsv_to_rgb(hue, saturation, value)
+        return hsv_to_rgb(hue, saturation, value)
 
     def _draw_shape(
         self,
@@ -261,7 +261,7 @@ class SyntheticDataset(Dataset):
         cos, sin = math.cos(2 * math.pi * p[1]), math.sin(2 * math.pi * p[1])
         dy, dx = self._ys[y0:y1] - cy, self._xs[:, x0:x1] - cx
         u, v = dx * cos + dy * sin, dy * cos - dx * sin
-        inside = _SHAPE_FNS[kind - 1](u, v, radius, p[2], p[3])
+        inside = SHAPE_FNS[kind - 1](u, v, radius, p[2], p[3])
         # A linear shading across the shape, so its colour is not flat.
         shade_angle, strength = 2 * math.pi * p[4], 0.3 * p[5]
         shade = 1.0 + (strength / radius) * (
@@ -280,7 +280,7 @@ class SyntheticDataset(Dataset):
         masks, labels = masks[visible], kinds[visible]
         semantic = torch.cat([torch.zeros(1, dtype=torch.int64), kinds])[owner]
         if self.void_border > 0 and len(masks):
-            semantic[_outline_band(owner, self.void_border)] = self.ignore_index
+            semantic[outline_band(owner, self.void_border)] = self.ignore_index
         return {
             "semantic": tv_tensors.Mask(semantic),
             "masks": tv_tensors.Mask(masks),
@@ -342,7 +342,7 @@ class SyntheticDataset(Dataset):
         height, width = self.size
         _, hue, saturation, value, texture = STUFF[stuff_class]
         r = torch.rand(4, generator=g).tolist()
-        colour = _hsv_to_rgb(
+        colour = hsv_to_rgb(
             torch.tensor([(hue + 0.04 * (r[0] - 0.5)) % 1.0]),
             torch.tensor([saturation * (0.8 + 0.4 * r[1])]).clamp(max=1.0),
             torch.tensor([value * (0.85 + 0.3 * r[2])]).clamp(max=1.0),
@@ -395,7 +395,7 @@ class SyntheticDataset(Dataset):
         # A key per segment: shapes 1..n, crowd n + 1, stuff class c n + 2 + c; 0 = VOID.
         key = torch.where(owner > 0, owner, torch.where(owner < 0, n + 1, n + 2 + stuff))
         if self.void_border > 0:
-            key[_outline_band(key, self.void_border)] = 0
+            key[outline_band(key, self.void_border)] = 0
         present = (torch.bincount(key.view(-1), minlength=n + 2 + s) > 0).tolist()
         key_class = [0, *(s + k - 1 for k in kinds.tolist()), s + crowd_kind - 1, *range(s)]
         key_id = torch.zeros(n + 2 + s, dtype=torch.int64)
@@ -415,109 +415,3 @@ class SyntheticDataset(Dataset):
         target["image_id"] = index
         target["orig_size"] = torch.tensor([height, width], dtype=torch.int64)
         return target
-
-
-# -------------------------------------------------------------------------------- shapes
-# Each takes rotated local coordinates u, v (pixels from the centre), the radius r of a circle
-# that contains the shape, and two uniform numbers a, b in [0, 1) for its proportions.
-def _circle(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    return u * u + v * v <= r * r
-
-
-def _ring(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    inner = r * (0.45 + 0.15 * a)
-    rr = u * u + v * v
-    return (rr <= r * r) & (rr >= inner * inner)
-
-
-def _rectangle(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    # Aspect from 0.45 to 1 (a square) via the angle of the half-diagonal.
-    angle = math.atan(0.45) + a * (math.pi / 4 - math.atan(0.45))
-    return (u.abs() <= r * math.cos(angle)) & (v.abs() <= r * math.sin(angle))
-
-
-def _cross(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    ratio = 0.25 + 0.12 * a  # bar half-width over arm length
-    arm = r / math.sqrt(1.0 + ratio * ratio)
-    bar = ratio * arm
-    au, av = u.abs(), v.abs()
-    return ((au <= arm) & (av <= bar)) | ((au <= bar) & (av <= arm))
-
-
-def _star_polygon(u: Tensor, v: Tensor, outer: float, inner: float, points: int) -> Tensor:
-    """Inside a star with `points` tips at radius `outer` and notches at radius `inner`.
-
-    A regular polygon is the star whose notches lie on its edges: inner = outer * cos(pi / n).
-    """
-    sector = 2 * math.pi / points
-    folded = torch.remainder(torch.atan2(v, u), sector)
-    folded = torch.minimum(folded, sector - folded)  # in [0, pi / points]
-    rho = torch.sqrt(u * u + v * v)
-    px, py = rho * torch.cos(folded), rho * torch.sin(folded)
-    # Same side of the tip-to-notch edge as the centre.
-    ex, ey = inner * math.cos(sector / 2) - outer, inner * math.sin(sector / 2)
-    return ex * py - ey * (px - outer) >= 0
-
-
-def _triangle(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    return _star_polygon(u, v, r, r * math.cos(math.pi / 3), 3)
-
-
-def _star(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    return _star_polygon(u, v, r, r * (0.4 + 0.1 * a), 5)
-
-
-def _ellipse(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    minor = r * (0.35 + 0.2 * a)
-    return (u / r) ** 2 + (v / minor) ** 2 <= 1.0
-
-
-def _hexagon(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    return _star_polygon(u, v, r, r * math.cos(math.pi / 6), 6)
-
-
-def _crescent(u: Tensor, v: Tensor, r: float, a: float, b: float) -> Tensor:
-    offset, bite = r * (0.4 + 0.15 * a), r * (0.75 + 0.1 * b)
-    return (u * u + v * v <= r * r) & ((u - offset) ** 2 + v * v > bite * bite)
-
-
-_SHAPE_FNS = (
-    _circle, _rectangle, _ring, _cross, _triangle, _ellipse, _star, _crescent, _hexagon,
-)
-
-
-# -------------------------------------------------------------------------------- helpers
-def _class_hues(num_classes: int) -> Tensor:
-    """Hue in [0, 1) per class: kinds 2f+1 and 2f+2 sit `_PAIR_HUE_OFFSET` apart around family
-    f's hue, and the families spread evenly round the colour wheel."""
-    families = max(1, num_classes // 2)  # ceil((num_classes - 1) / 2)
-    hues = torch.zeros(num_classes)
-    for kind in range(1, num_classes):
-        family, member = divmod(kind - 1, 2)
-        paired = 2 * family + 2 < num_classes
-        hues[kind] = family / families + (member - 0.5) * _PAIR_HUE_OFFSET * paired
-    return hues % 1.0
-
-
-def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    """(N,) hue, saturation, value in [0, 1] -> (N, 3) RGB in [0, 1]."""
-    k = (torch.tensor([5.0, 3.0, 1.0]) + h.unsqueeze(-1) * 6.0) % 6.0
-    weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return v.unsqueeze(-1) - (v * s).unsqueeze(-1) * weight
-
-
-def _outline_band(owner: Tensor, width: int) -> Tensor:
-    """Bool (H, W): pixels within `width` (Chebyshev) of a visible outline.
-
-    A pixel is near an outline exactly when its (2w+1)^2 window holds two different owners,
-    i.e. the window max differs from the window min (two separable max-pools each). max_pool2d
-    pads with -inf, so the canvas edge is not an outline.
-    """
-    kernel = 2 * width + 1
-    o = owner.to(torch.float32)[None, None]
-
-    def window_max(x: Tensor) -> Tensor:
-        x = nnf.max_pool2d(x, (1, kernel), stride=1, padding=(0, width))
-        return nnf.max_pool2d(x, (kernel, 1), stride=1, padding=(width, 0))
-
-    return (window_max(o) != -window_max(-o))[0, 0]
