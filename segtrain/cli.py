@@ -22,7 +22,10 @@ COMMANDS = {
     "score": "score prediction files without a model: task=semantic gt=DIR pred=DIR num_classes=N;\n"
              "         task=instance|lvis gt=GT.json pred=RESULTS.json;\n"
              "         task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
+    "data": "inspect a dataset: data check dataset=NAME [dataset.root=DIR] [n=100] (layout, labels, sizes);\n"
+            "         data show dataset=NAME [n=16] [split=train] [output=grid.png] (a grid PNG)",
 }
+DATA_ACTIONS = ("check", "show")
 
 # Errors a user can cause (bad paths, bad values, bad files): shown as one paragraph, no traceback.
 USER_ERRORS = (
@@ -88,7 +91,23 @@ def score_app(cfg: DictConfig) -> None:
     _run_guarded(score, cfg)
 
 
-APPS = {"train": train_app, "eval": eval_app, "score": score_app}
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="data")
+def data_app(cfg: DictConfig) -> None:
+    from segtrain.data_check import data
+
+    _run_guarded(data, cfg)
+
+
+APPS = {"train": train_app, "eval": eval_app, "score": score_app, "data": data_app}
+
+
+def _data_action(rest: list[str]) -> list[str] | None:
+    """`data check ...` -> `action=check ...` (None: no valid action word; options pass as they are)."""
+    if rest and rest[0] in DATA_ACTIONS:
+        return [f"action={rest[0]}", *rest[1:]]
+    if any(arg.startswith(("-", "action=")) for arg in rest):
+        return rest
+    return None
 
 
 def score_fast(overrides: list[str]) -> None:
@@ -140,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     if command == "score" and not any(arg.startswith("-") for arg in rest):
         score_fast(rest)
         return 0
+    if command == "data":
+        with_action = _data_action(rest)
+        if with_action is None:
+            given = f"unknown action '{rest[0]}'" if rest and "=" not in rest[0] else "no action given"
+            print(f"error: segtrain data: {given}; expected one of: "
+                  f"{', '.join(DATA_ACTIONS)} (e.g. segtrain data check dataset=synthetic n=10)",
+                  file=sys.stderr)
+            return 2
+        rest = with_action
     # Hydra reads sys.argv itself; the program name shows in its --help output.
     sys.argv = [f"segtrain {command}", *rest]
     APPS[command]()

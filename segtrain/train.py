@@ -76,15 +76,19 @@ def build_data(cfg: DictConfig) -> tuple[Any, Any]:
     set's metadata, so the model and the checkpoint get it.
     """
     train_set = instantiate(cfg.dataset.train)
-    meta = train_set.meta
-    counts = {"num_classes": len(meta.classes), "num_things": len(meta.thing_ids),
-              "num_stuff": len(meta.stuff_ids)}
-    for key, value in counts.items():
-        if key in cfg.dataset and cfg.dataset[key] is None:
-            with open_dict(cfg):
-                cfg.dataset[key] = value
+    fill_class_counts(cfg, train_set.meta)
     val_set = instantiate(cfg.dataset.val) if cfg.dataset.get("val") is not None else None
     return train_set, val_set
+
+
+def fill_class_counts(cfg: DictConfig, meta: Any) -> None:
+    """Set `dataset.num_classes` / `num_things` / `num_stuff` left null from the train metadata."""
+    counts = {"num_classes": len(meta.classes), "num_things": len(meta.thing_ids),
+              "num_stuff": len(meta.stuff_ids)}
+    with open_dict(cfg):
+        for key, value in counts.items():
+            if key in cfg.dataset and cfg.dataset[key] is None:
+                cfg.dataset[key] = value
 
 
 def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
