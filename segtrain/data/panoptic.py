@@ -15,6 +15,7 @@ from torchvision import tv_tensors
 
 from segtrain.data.image_io import read_image
 from segtrain.data.meta import DatasetMeta, default_palette
+from segtrain.data.transforms import PanopticMap
 
 Tensor = torch.Tensor
 
@@ -80,7 +81,7 @@ def panoptic_targets(
     chosen = ((thing_label[classes] > 0) & (iscrowd == 0)).nonzero().view(-1)
     masks = index.unsqueeze(0) == chosen.view(-1, 1, 1)
     return {
-        "panoptic": tv_tensors.Mask(panoptic.to(torch.int64)),
+        "panoptic": PanopticMap(panoptic.to(torch.int64)),  # pads with 0 (VOID), not ignore_index
         "segments": {"ids": ids, "classes": classes, "iscrowd": iscrowd},
         "semantic": tv_tensors.Mask(semantic),
         "masks": tv_tensors.Mask(masks),

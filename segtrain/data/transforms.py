@@ -1,4 +1,12 @@
-"""Joint image/target augmentation pipelines built from `torchvision.transforms.v2`."""
+"""Joint image/target augmentation pipelines built from `torchvision.transforms.v2`.
+
+Each transform is called as `image, target = t(image, target)` with a uint8 `tv_tensors.Image`
+(3, H, W) and a target dict: `Mask`s and `BoundingBoxes` follow the image geometrically, plain
+tensors (labels, segment tables, orig_size) pass through. The presets below are MMSegmentation's
+and detectron2's recipes; the single transforms compose in YAML too (a `v2.Compose` whose
+`transforms` list names them). Normalisation is deliberately absent: the tasks normalise uint8
+batches on the device. Randomness comes from torch's global RNG, which the loader seeds per worker.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +15,52 @@ from typing import Any
 
 import torch
 from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from segtrain.data.photometric import PhotoMetricDistortion
 
-class RandomScale(v2.Transform):
-    """Resize by a factor drawn uniformly from `scale_range` (bilinear images, nearest masks)."""
+__all__ = [
+    "PadToMultiple", "PadToSize", "PanopticMap", "PhotoMetricDistortion", "RandomCrop", "RandomResize",
+    "RandomScale", "SanitizePanoptic", "instance_train_transforms", "panoptic_train_transforms",
+    "semantic_eval_transforms", "semantic_train_transforms",
+]
+
+
+class PanopticMap(tv_tensors.Mask):
+    """int64 (H, W) panoptic segment ids, 0 = VOID.
+
+    A `Mask` (so every v2 kernel resizes it with nearest, flips and crops it like a label map)
+    whose own type tells padding to fill it with 0 (VOID): 255 would be a segment id.
+    """
+
+
+def _pad(inpt: Any, padding: list[int], ignore_index: int) -> Any:
+    """Pad (left, top, right, bottom): images and boxes 0, label maps `ignore_index`,
+    panoptic maps 0 (VOID), bool instance masks False. (v2's own `fill` goes by type, and all
+    three kinds of map are `Mask`.)"""
+    if not any(padding):
+        return inpt
+    fill = 0
+    if isinstance(inpt, tv_tensors.Mask) and not isinstance(inpt, PanopticMap) and inpt.dtype != torch.bool:
+        fill = ignore_index
+    return F.pad(inpt, padding, fill=fill)
+
+
+class _RandomSize(v2.Transform):
+    """Resize to `make_params`' size: bilinear (antialiased) images, nearest masks, scaled boxes."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.resize(inpt, params["size"], antialias=True)
+
+
+class RandomScale(_RandomSize):
+    """Resize by a factor drawn uniformly from `scale_range`, relative to the image's own size."""
 
     def __init__(self, scale_range: Sequence[float]) -> None:
         super().__init__()
-        low, high = (float(s) for s in scale_range)
-        if not 0 < low <= high:
-            raise ValueError(f"scale_range={tuple(scale_range)}: expected 0 < low <= high")
-        self.scale_range = (low, high)
+        self.scale_range = _range(scale_range, "scale_range")
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
@@ -27,17 +68,81 @@ class RandomScale(v2.Transform):
         factor = low + (high - low) * float(torch.rand(()))
         return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
 
+
+class RandomResize(_RandomSize):
+    """MMSeg's `RandomResize(scale, ratio_range, keep_ratio=True)`: scale jitter around a base size.
+
+    A ratio r ~ U(ratio_range) gives the bounds int(scale * r); the image is rescaled, aspect kept,
+    by the largest factor with long edge <= max(bounds) and short edge <= min(bounds) (mmcv's
+    `rescale_size`), so the order of `scale` does not matter: VOC's (2048, 512) x r means a short
+    side of 512 r unless the long side reaches 2048 r first.
+    """
+
+    def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] = (0.5, 2.0)) -> None:
+        super().__init__()
+        self.scale = _pair(scale, "scale")
+        self.ratio_range = _range(ratio_range, "ratio_range")
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        low, high = self.ratio_range
+        ratio = low + (high - low) * float(torch.rand(()))
+        bounds = [int(s * ratio) for s in self.scale]
+        factor = min(max(bounds) / max(height, width), min(bounds) / min(height, width))
+        return {"size": [max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))]}
+
+
+class RandomCrop(v2.Transform):
+    """MMSeg's `RandomCrop(crop_size, cat_max_ratio)`, padded up to `size` (H, W) when smaller.
+
+    The window is drawn up to `max_tries` times until no class covers `cat_max_ratio` or more
+    of its labelled pixels (`ignore_index` excluded) and at least two classes occur; otherwise
+    the last draw stands. The label map checked is the target's integer, non-panoptic `Mask`
+    (`semantic`); without one, or with cat_max_ratio=1, the first draw is taken. A side shorter
+    than `size` is kept whole and padded at the bottom/right (image 0, labels `ignore_index`,
+    panoptic 0, instance masks False), as MMSeg's crop followed by its pad to `crop_size`.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        cat_max_ratio: float = 1.0,
+        ignore_index: int = 255,
+        max_tries: int = 10,
+    ) -> None:
+        super().__init__()
+        self.size, self.ignore_index = _pair(size, "crop_size"), int(ignore_index)
+        if not 0.0 < cat_max_ratio <= 1.0:
+            raise ValueError(f"cat_max_ratio={cat_max_ratio}: expected a fraction in (0, 1] (1 = off)")
+        self.cat_max_ratio, self.max_tries = float(cat_max_ratio), max(1, int(max_tries))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        crop_h, crop_w = min(self.size[0], height), min(self.size[1], width)
+        labels = None
+        if self.cat_max_ratio < 1.0:
+            labels = next((x for x in flat_inputs if _is_label_map(x)), None)
+        for _ in range(self.max_tries):
+            top = int(torch.randint(height - crop_h + 1, ()))
+            left = int(torch.randint(width - crop_w + 1, ()))
+            if labels is None or self._balanced(labels[..., top : top + crop_h, left : left + crop_w]):
+                break
+        padding = [0, 0, self.size[1] - crop_w, self.size[0] - crop_h]
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w, "padding": padding}
+
+    def _balanced(self, labels: torch.Tensor) -> bool:
+        classes, counts = torch.unique(labels, return_counts=True)
+        counts = counts[classes != self.ignore_index]
+        return len(counts) > 1 and float(counts.max()) < self.cat_max_ratio * float(counts.sum())
+
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return F.resize(inpt, params["size"], antialias=True)
+        # Crop inside the image first: F.crop past the border would pad masks with 0, not ignore.
+        cropped = F.crop(inpt, params["top"], params["left"], params["height"], params["width"])
+        return _pad(cropped, params["padding"], self.ignore_index)
 
 
 class PadToSize(v2.Transform):
-    """Pad on the right and bottom up to at least `size` (H, W).
-
-    Images are padded with 0, label maps with `ignore_index` and boolean instance masks with
-    False; boxes keep their coordinates. (v2's own `fill` is chosen per type, and label maps
-    and instance masks are both `Mask`.)
-    """
+    """Pad on the right and bottom up to at least `size` (H, W); fills as `RandomCrop`'s."""
 
     def __init__(self, size: int | Sequence[int], ignore_index: int = 255) -> None:
         super().__init__()
@@ -45,43 +150,88 @@ class PadToSize(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        return {
-            "padding": [0, 0, max(0, self.size[1] - width), max(0, self.size[0] - height)]
-        }
+        return {"padding": [0, 0, max(0, self.size[1] - width), max(0, self.size[0] - height)]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        padding = params["padding"]
-        if not any(padding):
-            return inpt
-        if isinstance(inpt, tv_tensors.Mask):
-            fill = 0 if inpt.dtype == torch.bool else self.ignore_index
-            return F.pad(inpt, padding, fill=fill)
-        if isinstance(inpt, (tv_tensors.Image, tv_tensors.BoundingBoxes)):
-            return F.pad(inpt, padding, fill=0)
-        return inpt
+        return _pad(inpt, params["padding"], self.ignore_index)
+
+
+class PadToMultiple(v2.Transform):
+    """Pad on the right and bottom so H and W divide by `size_divisor` (the network's stride).
+
+    Images 0, label maps `ignore_index`, panoptic maps 0, instance masks False; boxes keep their
+    coordinates (the canvas grows).
+    """
+
+    def __init__(self, size_divisor: int = 32, ignore_index: int = 255) -> None:
+        super().__init__()
+        if int(size_divisor) < 1:
+            raise ValueError(f"size_divisor={size_divisor}: expected a positive stride such as 32")
+        self.size_divisor, self.ignore_index = int(size_divisor), int(ignore_index)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        return {"padding": [0, 0, -width % self.size_divisor, -height % self.size_divisor]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _pad(inpt, params["padding"], self.ignore_index)
+
+
+class SanitizePanoptic(v2.Transform):
+    """Make a panoptic target agree with its transformed map again; the last step after crops/resizes.
+
+    `segments` entries whose id no longer occurs in `panoptic` are dropped; instance masks left
+    empty are dropped with their `labels` and `iscrowd`, and `boxes` are recomputed from the
+    remaining masks (XYXY, exclusive x2/y2), so the target equals what `panoptic_targets` builds
+    from the transformed map. `semantic` needs nothing: it moved with the map pixel for pixel.
+    """
+
+    def forward(self, *inputs: Any) -> Any:
+        image, target = inputs if len(inputs) > 1 else inputs[0]
+        if not isinstance(target, dict) or "panoptic" not in target or "segments" not in target:
+            keys = list(target) if isinstance(target, dict) else type(target).__name__
+            raise KeyError(
+                f"SanitizePanoptic needs a panoptic target with 'panoptic' and 'segments' but got {keys}; "
+                "use semantic_train_transforms or instance_train_transforms for other datasets"
+            )
+        panoptic, segments = target["panoptic"], target["segments"]
+        keep = torch.isin(segments["ids"], torch.unique(panoptic))
+        out = {**target, "segments": {key: value[keep] for key, value in segments.items()}}
+        if "masks" in target:
+            masks = target["masks"]
+            visible = masks.flatten(1).any(1)
+            out["masks"] = tv_tensors.wrap(masks[visible], like=masks)
+            for key in ("labels", "iscrowd"):
+                if key in target:
+                    out[key] = target[key][visible]
+            boxes = masks_to_boxes(out["masks"]) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+            out["boxes"] = tv_tensors.BoundingBoxes(
+                boxes, format="XYXY", canvas_size=tuple(panoptic.shape[-2:])
+            )
+        return image, out
 
 
 def semantic_train_transforms(
-    hflip_prob: float = 0.5,
-    scale_range: Sequence[float] | None = None,
+    *,
     crop_size: int | Sequence[int] | None = None,
+    scale_range: Sequence[float] | None = None,
+    scale: Sequence[int] | None = None,
+    cat_max_ratio: float = 0.75,
+    photometric: bool = False,
+    hflip_prob: float = 0.5,
     ignore_index: int = 255,
 ) -> v2.Compose:
-    """Random rescale -> pad and random crop to `crop_size` -> horizontal flip, each optional.
+    """MMSeg's training pipeline: resize -> crop -> flip -> photometric distortion, each optional.
 
-    Called as `image, target = t(image, target)`; masks and boxes in `target` follow the image,
-    plain tensors (labels, orig_size) pass through. Draws from torch's global RNG.
+    scale_range: with `scale` (MMSeg's (2048, 512)), the ratio_range of `RandomResize` around it;
+    without, factors of the image's own size (`RandomScale`). crop_size: (H, W) or an int;
+    `cat_max_ratio` (1 = off) applies to its crop; smaller images are padded with `ignore_index`.
+    The defaults keep the flip alone, as the synthetic presets train; the dataset YAMLs turn the
+    recipe on.
     """
-    if not 0.0 <= hflip_prob <= 1.0:
-        raise ValueError(f"hflip_prob={hflip_prob}: expected a probability in [0, 1]")
-    steps: list[v2.Transform] = []
-    if scale_range is not None:
-        steps.append(RandomScale(tuple(scale_range)))
-    if crop_size is not None:
-        size = _pair(crop_size, "crop_size")
-        steps += [PadToSize(size, ignore_index), v2.RandomCrop(size)]
-    if hflip_prob > 0:
-        steps.append(v2.RandomHorizontalFlip(hflip_prob))
+    steps = _geometric_steps(crop_size, scale_range, scale, cat_max_ratio, hflip_prob, ignore_index)
+    if photometric:
+        steps.append(PhotoMetricDistortion())
     return v2.Compose(steps)
 
 
@@ -91,21 +241,85 @@ def semantic_eval_transforms() -> None:
 
 
 def instance_train_transforms(
-    hflip_prob: float = 0.5,
-    scale_range: Sequence[float] | None = None,
+    *,
     crop_size: int | Sequence[int] | None = None,
+    scale_range: Sequence[float] | None = None,
+    scale: Sequence[int] | None = None,
+    photometric: bool = False,
+    hflip_prob: float = 0.5,
 ) -> v2.Compose:
-    """Random rescale -> pad and random crop to `crop_size` -> horizontal flip, for instance targets.
+    """Resize -> pad and crop -> flip -> photometric, for instance targets (no cat_max_ratio).
 
-    Boxes (`BoundingBoxes`) and masks bool (N, H, W) follow the image. After a rescale or crop,
+    Boxes (`BoundingBoxes`) and masks bool (N, H, W) follow the image. After a resize or crop,
     instances whose box fell below 1 pixel are removed with their mask, label and iscrowd
     entries (`SanitizeBoundingBoxes`). Mask R-CNN resizes its inputs itself, so the default is
     the flip alone (torchvision's and detectron2's reference recipe).
     """
-    steps = list(semantic_train_transforms(hflip_prob, scale_range, crop_size).transforms)
+    steps = _geometric_steps(crop_size, scale_range, scale, 1.0, hflip_prob, 255)
+    if photometric:
+        steps.append(PhotoMetricDistortion())
     if scale_range is not None or crop_size is not None:
         steps.append(v2.SanitizeBoundingBoxes(labels_getter=_instance_labels))
     return v2.Compose(steps)
+
+
+def panoptic_train_transforms(
+    *,
+    crop_size: int | Sequence[int] | None = None,
+    scale_range: Sequence[float] | None = None,
+    scale: Sequence[int] | None = None,
+    cat_max_ratio: float = 1.0,
+    photometric: bool = False,
+    hflip_prob: float = 0.5,
+    ignore_index: int = 255,
+) -> v2.Compose:
+    """The semantic pipeline for panoptic targets, then `SanitizePanoptic` after a resize or crop.
+
+    `panoptic` (a `PanopticMap`) pads with 0 (VOID), `semantic` with `ignore_index`; segments
+    and instances cut away are dropped so every key still describes the same segments.
+    cat_max_ratio is off by default (detectron2's panoptic recipes crop without it); when set,
+    it judges crops by `semantic`.
+    """
+    steps = _geometric_steps(crop_size, scale_range, scale, cat_max_ratio, hflip_prob, ignore_index)
+    if photometric:
+        steps.append(PhotoMetricDistortion())
+    if scale_range is not None or crop_size is not None:
+        steps.append(SanitizePanoptic())
+    return v2.Compose(steps)
+
+
+def _geometric_steps(
+    crop_size: int | Sequence[int] | None,
+    scale_range: Sequence[float] | None,
+    scale: Sequence[int] | None,
+    cat_max_ratio: float,
+    hflip_prob: float,
+    ignore_index: int,
+) -> list[v2.Transform]:
+    if not 0.0 <= hflip_prob <= 1.0:
+        raise ValueError(f"hflip_prob={hflip_prob}: expected a probability in [0, 1]")
+    if scale is not None and scale_range is None:
+        raise ValueError(
+            f"scale={tuple(scale)} needs scale_range, the ratio range around it (MMSeg: [0.5, 2.0])"
+        )
+    steps: list[v2.Transform] = []
+    if scale is not None:
+        steps.append(RandomResize(scale, scale_range))  # type: ignore[arg-type]
+    elif scale_range is not None:
+        steps.append(RandomScale(scale_range))
+    if crop_size is not None:
+        steps.append(RandomCrop(crop_size, cat_max_ratio, ignore_index))
+    if hflip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip_prob))
+    return steps
+
+
+def _is_label_map(inpt: Any) -> bool:
+    return (
+        isinstance(inpt, tv_tensors.Mask)
+        and not isinstance(inpt, PanopticMap)
+        and inpt.dtype != torch.bool
+    )
 
 
 def _instance_labels(inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -121,3 +335,10 @@ def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"{name}={size}: expected a positive int or (height, width)")
     return pair  # type: ignore[return-value]
+
+
+def _range(values: Sequence[float], name: str) -> tuple[float, float]:
+    low, high = (float(v) for v in values)
+    if not 0 < low <= high:
+        raise ValueError(f"{name}={tuple(values)}: expected 0 < low <= high")
+    return low, high
