@@ -129,7 +129,7 @@ def train(cfg: DictConfig) -> float | None:
     pin = pin_memory(cfg, device)
     train_loader = build_train_loader(
         train_set, cfg.data.batch_size, task.collate, cfg.seed, cfg.data.num_workers, pin,
-        cfg.data.persistent_workers,
+        cfg.data.persistent_workers, skip_corrupt=cfg.data.skip_corrupt,
     )
     val_loader = None
     if val_set is not None:

@@ -2,10 +2,13 @@
 
 That makes a resumed run see exactly the batches the uninterrupted run would have seen, whatever
 the number of workers, and lets a run restart mid-epoch without loading the skipped samples.
+With `skip_corrupt`, a sample that does not decode is replaced by the next one, (i + 1) % len,
+so the order stays a function of (seed, epoch) and the skips are reported, never silent.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +16,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segtrain.data.image_io import CorruptImageError
 from segtrain.utils.distributed import get_rank, get_world_size
+
+log = logging.getLogger("segtrain.data")
+_SHOWN_SKIPS = 3  # error messages (each naming its file) quoted in an epoch's summary
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -75,8 +82,73 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            torch.manual_seed(self._item_seed(epoch, index))
             return self.dataset[index]
+
+    def _item_seed(self, epoch: int, index: int) -> int:
+        return (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+class CorruptSkippingDataset(SeededDataset):
+    """`SeededDataset` that answers a sample raising `CorruptImageError` with the next decodable
+    one, (i + 1) % len, augmented under the seed of the requested (epoch, i).
+
+    Items are `(sample, errors)`: `errors` holds the message (naming the file) of each corrupt
+    sample passed over, for `SkipReportingCollate` to carry to the main process. A dataset in
+    which no sample decodes raises the last error.
+    """
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, list[str]]:
+        epoch, index = key
+        errors: list[str] = []
+        for offset in range(len(self.dataset)):
+            with torch.random.fork_rng(devices=[]):
+                # Reseeded on every attempt: a decode that fails part-way may have drawn numbers.
+                torch.manual_seed(self._item_seed(epoch, index))
+                try:
+                    return self.dataset[(index + offset) % len(self.dataset)], errors
+                except CorruptImageError as err:
+                    errors.append(str(err))
+                    last = err
+        raise CorruptImageError(
+            f"data.skip_corrupt=true but none of the {len(self.dataset)} samples decodes; last error: {last}"
+        ) from last
+
+
+class SkipReportingCollate:
+    """Collates the samples of `CorruptSkippingDataset` items; returns (batch, error messages).
+
+    A class rather than a closure so that worker processes started by spawn can unpickle it.
+    """
+
+    def __init__(self, collate_fn: Callable) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[tuple[Any, list[str]]]) -> tuple[Any, list[str]]:
+        return self.collate_fn([sample for sample, _ in items]), [e for _, errors in items for e in errors]
+
+
+class CorruptSkippingLoader(DataLoader):
+    """Yields the batches of `SkipReportingCollate` and logs what was skipped, in the main process
+    (counts from every worker): a warning at the first skip of an epoch, naming the file, and at
+    the epoch's end the count of corrupt samples with the first few messages.
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        epoch = getattr(self.sampler, "epoch", None)
+        skipped: list[str] = []
+        for batch, errors in super().__iter__():
+            if errors and not skipped:
+                log.warning("epoch %s: skipping a corrupt sample (data.skip_corrupt=true): %s",
+                            epoch, errors[0])
+            skipped += [e for e in errors if e not in skipped]
+            yield batch
+        if skipped:
+            shown = "; ".join(skipped[:_SHOWN_SKIPS]) + ("; ..." if len(skipped) > _SHOWN_SKIPS else "")
+            log.warning(
+                "epoch %s: skipped %d corrupt samples, each replaced by the next sample "
+                "(data.skip_corrupt=true): %s", epoch, len(skipped), shown,
+            )
 
 
 def build_train_loader(
@@ -87,15 +159,27 @@ def build_train_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     persistent_workers: bool = True,
+    skip_corrupt: bool = False,
 ) -> DataLoader:
-    """Loader over a `ResumableSampler`; call `loader.sampler.set_epoch(e, start)` each epoch."""
+    """Loader over a `ResumableSampler`; call `loader.sampler.set_epoch(e, start)` each epoch.
+
+    `pin_memory` is for CUDA training (page-locked batches copy asynchronously);
+    `persistent_workers` keeps the workers between epochs (they are started once). With
+    `skip_corrupt`, samples raising `CorruptImageError` are replaced and logged (see
+    `CorruptSkippingDataset`); otherwise the error, which names the file, stops training.
+    """
     if len(dataset) < batch_size:
         raise ValueError(
             f"the training set has {len(dataset)} samples, fewer than data.batch_size={batch_size}; "
             "lower data.batch_size or add data"
         )
-    return DataLoader(
-        SeededDataset(dataset, seed),
+    if skip_corrupt:
+        loader_type, items = CorruptSkippingLoader, CorruptSkippingDataset(dataset, seed)
+        collate_fn = SkipReportingCollate(collate_fn)
+    else:
+        loader_type, items = DataLoader, SeededDataset(dataset, seed)
+    return loader_type(
+        items,
         batch_size=batch_size,
         sampler=ResumableSampler(len(dataset), seed),
         collate_fn=collate_fn,
