@@ -15,7 +15,6 @@ from torchvision import tv_tensors
 
 from segtrain.data.image_io import read_image
 from segtrain.data.meta import DatasetMeta, default_palette
-from segtrain.data.transforms import PanopticMap
 
 Tensor = torch.Tensor
 
@@ -30,6 +29,14 @@ def id_to_rgb(ids: Tensor) -> Tensor:
     """Segment ids int (H, W) in [0, 256^3) -> uint8 (3, H, W); inverse of `rgb_to_id`."""
     ids = ids.to(torch.int64)
     return torch.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255]).to(torch.uint8)
+
+
+class PanopticMap(tv_tensors.Mask):
+    """int64 (H, W) panoptic segment ids, 0 = VOID.
+
+    A `Mask` (so every v2 kernel resizes it with nearest, flips and crops it like a label map)
+    whose own type tells padding to fill it with 0 (VOID): 255 would be a segment id.
+    """
 
 
 def masks_to_boxes(masks: Tensor) -> Tensor:

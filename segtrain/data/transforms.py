@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from torchvision import tv_tensors
-from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from segtrain.data.panoptic import PanopticMap, masks_to_boxes
 from segtrain.data.photometric import PhotoMetricDistortion
 
 __all__ = [
@@ -26,14 +26,6 @@ __all__ = [
     "RandomScale", "SanitizePanoptic", "instance_train_transforms", "panoptic_train_transforms",
     "semantic_eval_transforms", "semantic_train_transforms",
 ]
-
-
-class PanopticMap(tv_tensors.Mask):
-    """int64 (H, W) panoptic segment ids, 0 = VOID.
-
-    A `Mask` (so every v2 kernel resizes it with nearest, flips and crops it like a label map)
-    whose own type tells padding to fill it with 0 (VOID): 255 would be a segment id.
-    """
 
 
 def _pad(inpt: Any, padding: list[int], ignore_index: int) -> Any:
@@ -204,9 +196,8 @@ class SanitizePanoptic(v2.Transform):
             for key in ("labels", "iscrowd"):
                 if key in target:
                     out[key] = target[key][visible]
-            boxes = masks_to_boxes(out["masks"]) + torch.tensor([0.0, 0.0, 1.0, 1.0])
             out["boxes"] = tv_tensors.BoundingBoxes(
-                boxes, format="XYXY", canvas_size=tuple(panoptic.shape[-2:])
+                masks_to_boxes(out["masks"]), format="XYXY", canvas_size=tuple(panoptic.shape[-2:])
             )
         return image, out
 
