@@ -3,7 +3,7 @@
     python scripts/make_fixtures.py OUT_DIR [--which voc,voc_aug,cityscapes,ade20k]
 
 Each writer puts a few tiny random images and label maps where the real release keeps them, with
-the real file naming and PNG formats (VOC: palette PNGs with a 255 border; SBD and ADE20K:
+the real file naming and PNG formats (VOC: palette class and object PNGs with a 255 border; SBD and ADE20K:
 8-bit grayscale; Cityscapes: 8-bit labelIds and 16-bit instanceIds), and returns the root a
 loader takes.
 """
@@ -31,15 +31,18 @@ def write_voc(
     root: str | Path, n: int = 6, size: tuple[int, int] = (24, 32), seed: int = 0
 ) -> Path:
     """ROOT/VOCdevkit/VOC2012 with `n` images: the first half listed in train.txt, the rest in
-    val.txt, all in trainval.txt. Masks: palette PNGs, classes 0..20, a 1-pixel 255 border
-    around each object. Returns ROOT (the folder holding VOCdevkit)."""
+    val.txt, all in trainval.txt. Masks: palette PNGs, a 1-pixel 255 border around each object;
+    SegmentationClass holds classes 0..20, SegmentationObject the visible objects numbered 1..N
+    in drawing order (a later object may cover part of an earlier one). Returns ROOT (the
+    folder holding VOCdevkit)."""
     rng = np.random.default_rng(seed)
     voc = Path(root) / "VOCdevkit" / "VOC2012"
     stems = [f"2007_{i:06d}" for i in range(n)]
     for stem in stems:
         _write_jpeg(voc / "JPEGImages" / f"{stem}.jpg", rng, size)
-        _write_png(voc / "SegmentationClass" / f"{stem}.png", _objects(rng, size, 20, border=255),
-                   palette=VOC_PALETTE)
+        classes, objects = _instances(rng, size, 20, border=255)
+        _write_png(voc / "SegmentationClass" / f"{stem}.png", classes, palette=VOC_PALETTE)
+        _write_png(voc / "SegmentationObject" / f"{stem}.png", objects, palette=VOC_PALETTE)
     half = max(1, n // 2)
     _write_list(voc / "ImageSets" / "Segmentation" / "train.txt", stems[:half])
     _write_list(voc / "ImageSets" / "Segmentation" / "val.txt", stems[half:])
@@ -125,15 +128,29 @@ def _objects(
 ) -> np.ndarray:
     """uint8 (H, W): background 0 with 3 rectangles of classes 1..max_class, optionally each
     framed by a 1-pixel `border` value (VOC's void outline)."""
+    return _instances(rng, size, max_class, border)[0]
+
+
+def _instances(
+    rng: np.random.Generator, size: tuple[int, int], max_class: int, border: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_objects`' class map and its object map, uint8 (H, W) each: 0 background, the same
+    `border` frames, and the rectangles still visible numbered 1..N in drawing order."""
     height, width = size
     label = np.zeros(size, dtype=np.uint8)
-    for _ in range(3):
+    objects = np.zeros(size, dtype=np.uint8)
+    for k in range(1, 4):  # the draws as they always were: fixtures stay byte for byte the same
         y0, x0 = rng.integers(1, height - 6), rng.integers(1, width - 6)
         y1, x1 = y0 + rng.integers(4, 7), x0 + rng.integers(4, 7)
         if border is not None:
             label[y0 - 1 : y1 + 1, x0 - 1 : x1 + 1] = border
+            objects[y0 - 1 : y1 + 1, x0 - 1 : x1 + 1] = border
         label[y0:y1, x0:x1] = rng.integers(1, max_class + 1)
-    return label
+        objects[y0:y1, x0:x1] = k
+    visible = [k for k in np.unique(objects).tolist() if k not in (0, border)]
+    renumber = np.arange(256, dtype=np.uint8)
+    renumber[visible] = np.arange(1, len(visible) + 1)
+    return label, renumber[objects]
 
 
 def _cityscapes_maps(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,18 @@ def test_missing_file_raises_file_not_found_naming_it(tmp_path, reader):
 
 def test_corrupt_image_error_is_a_value_error():
     assert issubclass(CorruptImageError, ValueError)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n" + bytes(40), b"\xff\xd8\xff" + b"\x01" * 40])
+@pytest.mark.parametrize("reader", [read_image, read_label])
+def test_corrupt_image_error_carries_the_offending_path(tmp_path, content, reader):
+    path = tmp_path / "sub" / "bad.png"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    with pytest.raises(CorruptImageError) as info:
+        reader(str(path))
+    assert info.value.path == path
+    assert str(info.value).startswith(f"{path} is empty" if not content else f"cannot decode {path} (")
+    copy = pickle.loads(pickle.dumps(info.value))  # as it crosses from a loader worker process
+    assert copy.path == path and str(copy) == str(info.value)
+    assert CorruptImageError("no file known").path is None

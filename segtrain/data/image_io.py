@@ -30,7 +30,15 @@ _PIL_INDEX_MODES = ("P", "L", "I;16", "I;16B", "I;16L", "I", "1")
 
 
 class CorruptImageError(ValueError):
-    """A file exists but cannot be decoded as the image or label map it should hold."""
+    """A file exists but cannot be decoded as the image or label map it should hold.
+
+    `path` is the offending file (None when unknown: an error re-raised from a DataLoader
+    worker is rebuilt from its message alone).
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
 
 
 def read_image(path: str | os.PathLike) -> tv_tensors.Image:
@@ -123,7 +131,7 @@ def _read_bytes(path: Path, what: str) -> bytearray:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found: {path}") from None
     if not data:
-        raise CorruptImageError(f"{path} is empty; expected an encoded {what} file")
+        raise CorruptImageError(f"{path} is empty; expected an encoded {what} file", path)
     return data
 
 
@@ -165,5 +173,6 @@ def _corrupt(path: Path, expected: str, err: Exception) -> CorruptImageError:
     reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
     return CorruptImageError(
         f"cannot decode {path} ({reason}); expected {expected}. The file may be truncated or "
-        "not an image"
+        "not an image",
+        path,
     )

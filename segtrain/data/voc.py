@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
@@ -24,7 +25,7 @@ _LAYOUT = (
     "{root}/                          (the folder holding VOCdevkit, or VOCdevkit/VOC2012 itself)\n"
     "  VOCdevkit/VOC2012/\n"
     "    JPEGImages/<name>.jpg\n"
-    "    {ann_dir}/<name>.png\n"
+    "{ann_lines}"
     "    ImageSets/Segmentation/{list_file}"
 )
 
@@ -51,6 +52,9 @@ class VOCSegmentation(Dataset):
     """
 
     ann_dirs: tuple[str, ...] = ("SegmentationClass",)
+    # Further folders every listed name must have a PNG in (VOCInstanceSegmentation's
+    # SegmentationObject); their paths follow the class mask's in each record.
+    extra_ann_dirs: tuple[str, ...] = ()
 
     def __init__(
         self, root: str | os.PathLike | None, split: str = "train", transforms: Callable | None = None
@@ -66,9 +70,11 @@ class VOCSegmentation(Dataset):
 
     # ------------------------------------------------------------------------------ setup
     def _tree(self, root: Any) -> str:
+        ann_lines = "".join(
+            f"    {folder}/<name>.png\n" for folder in (" or ".join(self.ann_dirs), *self.extra_ann_dirs)
+        )
         return _LAYOUT.format(
-            root=root if root is not None else "ROOT", ann_dir=" or ".join(self.ann_dirs),
-            list_file=f"{self.split}.txt",
+            root=root if root is not None else "ROOT", ann_lines=ann_lines, list_file=f"{self.split}.txt"
         )
 
     def _find_voc_dir(self, root: str | os.PathLike | None) -> Path:
@@ -91,8 +97,9 @@ class VOCSegmentation(Dataset):
             )
         return [path]
 
-    def _match_files(self, list_files: list[Path]) -> list[tuple[str, Path, Path]]:
-        """(stem, image path, label path) per listed name; a missing file is reported here."""
+    def _match_files(self, list_files: list[Path]) -> list[tuple[Path | str, ...]]:
+        """(stem, image path, label path, *extra_ann_dirs paths) per listed name; a missing file
+        is reported here."""
         image_dir = self.voc_dir / "JPEGImages"
         images = _stems(image_dir, ".jpg")
         missing = [s for s in self.stems if s not in images]
@@ -111,6 +118,13 @@ class VOCSegmentation(Dataset):
         if missing:
             where = " or ".join(str(d) for d in ann_dirs)
             raise FileNotFoundError(self._missing("mask", missing, where, ".png", list_files))
+        for folder in (self.voc_dir / d for d in self.extra_ann_dirs):
+            found = _stems(folder, ".png")
+            missing = [s for s in self.stems if s not in found]
+            if missing:
+                message = self._missing(f"{folder.name} mask", missing, folder, ".png", list_files)
+                raise FileNotFoundError(message)
+            records = [(*record, folder / f"{record[0]}.png") for record in records]
         return records
 
     def _missing(self, what: str, stems: list[str], where: Any, ext: str, lists: list[Path]) -> str:
@@ -126,15 +140,10 @@ class VOCSegmentation(Dataset):
         return len(self._records)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
-        stem, image_path, label_path = self._records[int(index)]
+        stem, image_path, label_path = self._records[int(index)][:3]
         image, label = read_image(image_path), read_label(label_path)
         check_same_size(image, label, image_path, label_path)
-        bad = (label > len(VOC_CLASSES) - 1) & (label != IGNORE_INDEX)
-        if bad.any():
-            raise ValueError(
-                f"{label_path} holds label values {sorted(label[bad].unique().tolist())[:10]}; expected "
-                f"0..{len(VOC_CLASSES) - 1} (palette indices, not colours) or {IGNORE_INDEX} (void)"
-            )
+        check_class_values(label, label_path)
         target = semantic_target(label, int(index), stem)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -178,6 +187,17 @@ class VOCAugSegmentation(VOCSegmentation):
             f"{type(self).__name__}: no augmented training list in {folder} (it holds "
             f"{_available(folder, '.txt')}); expected\n{self._tree(self.voc_dir)}\nMake it with "
             "MMSegmentation's tools/dataset_converters/voc_aug.py"
+        )
+
+
+def check_class_values(label: torch.Tensor, path: Path) -> None:
+    """ValueError naming `path` when the int64 (H, W) label map holds a value that is neither a
+    VOC class (0..20) nor 255 (void)."""
+    bad = (label > len(VOC_CLASSES) - 1) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise ValueError(
+            f"{path} holds label values {sorted(label[bad].unique().tolist())[:10]}; expected "
+            f"0..{len(VOC_CLASSES) - 1} (palette indices, not colours) or {IGNORE_INDEX} (void)"
         )
 
 
