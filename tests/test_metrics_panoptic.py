@@ -483,6 +483,28 @@ def test_torchvision_and_pil_decoders_give_the_same_ids(tmp_path, monkeypatch, m
     np.testing.assert_array_equal(with_pil, ids)
 
 
+@pytest.mark.parametrize("decoder", ["torchvision", "PIL"])
+def test_ids_of_any_shape_fill_a_reused_buffer_exactly(tmp_path, monkeypatch, decoder):
+    """The 3-byte-stride uint32 view must neither read past the last pixel nor mix pixels."""
+    import torchvision  # noqa: F401
+
+    if decoder == "PIL":
+        monkeypatch.delitem(sys.modules, "torchvision")
+    rng = np.random.default_rng(1)
+    buffer = None
+    for shape in [(1, 1), (1, 7), (5, 1), (2, 3), (31, 17), (2, 3)]:
+        ids = rng.integers(0, 2**24, shape, dtype=np.uint32)
+        ids.flat[-1] = 2**24 - 1  # the last pixel, read on its own
+        rgb = np.stack([(ids >> shift) & 255 for shift in (0, 8, 16)], -1).astype(np.uint8)
+        Image.fromarray(rgb, "RGB").save(tmp_path / "ids.png")
+        got = read_panoptic_png(tmp_path / "ids.png", out=buffer)
+        np.testing.assert_array_equal(got, ids)
+        assert got.dtype == np.int64
+        if buffer is not None and buffer.shape == shape:
+            assert got is buffer
+        buffer = got
+
+
 def test_metrics_are_plain_floats_as_checkpoints_need():
     from segtrain.metrics.panoptic import Categories, pq_from_stats
 
