@@ -24,6 +24,7 @@ COMMANDS = {
              "         task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
     "data": "inspect a dataset: data check dataset=NAME [dataset.root=DIR] [n=100] (layout, labels, sizes);\n"
             "         data show dataset=NAME [n=16] [split=train] [output=grid.png] (a grid PNG)",
+    "summarize": "the table of a sweep: summarize SWEEP_DIR [sort=METRIC] [order=desc|asc]",
 }
 DATA_ACTIONS = ("check", "show")
 
@@ -62,12 +63,20 @@ def _run_guarded(fn: Callable[[DictConfig], object], cfg: DictConfig) -> object:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
     except USER_ERRORS as err:
-        if os.environ.get("SEGTRAIN_DEBUG") or os.environ.get("HYDRA_FULL_ERROR"):
+        if os.environ.get("SEGTRAIN_DEBUG") or os.environ.get("HYDRA_FULL_ERROR") or _in_multirun():
+            # In a sweep, Hydra records the job as failed (with this error) and runs the others.
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         log.debug("error details", exc_info=True)
         print(f"error: {message}\n(set SEGTRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -141,6 +150,59 @@ def score_fast(overrides: list[str]) -> None:
     _run_guarded(score, job_cfg)
 
 
+# Hydra options that print and exit: under torchrun they need no process group.
+HYDRA_INFO_OPTIONS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc",
+                      "--shell-completion")
+
+
+def _rank_overrides(command: str, rest: list[str]) -> list[str]:
+    """Overrides that give all torchrun ranks one run directory, where rank 0 alone writes.
+
+    `hydra.run.dir` / `hydra.sweep.dir` are resolved here at rank 0's clock, broadcast over the
+    process group (ranks start seconds apart, and `${now:...}` would give each its own
+    directory), from the config as the user's overrides compose it, so any pattern (eval's, an
+    experiment's) works. Ranks > 0 write no `.hydra/` files and no log file, and log warnings
+    only to the console, so torchrun's output is not N copies.
+    """
+    from datetime import datetime
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    from segtrain.utils.distributed import broadcast_object, get_rank
+
+    now = broadcast_object(datetime.now())
+    values = [arg for arg in rest if not arg.startswith("-")]
+    cfg = None
+    # Sweep values (a=1,2) do not compose as one job; the directories rarely depend on them.
+    for attempt in (values, []):
+        try:
+            with initialize_config_module(config_module="segtrain.conf", version_base="1.3"):
+                cfg = compose(command, attempt, return_hydra_config=True)
+            break
+        except Exception:  # noqa: BLE001 - the Hydra app reports the user's error itself
+            continue
+    if cfg is None:
+        return []
+    HydraConfig.instance().set_config(cfg)
+    OmegaConf.register_new_resolver("now", lambda pattern: now.strftime(pattern), replace=True)
+    given = {arg.split("=", 1)[0].lstrip("+~") for arg in values if "=" in arg}
+    overrides = []
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        if key not in given:
+            path = str(OmegaConf.select(cfg, key)).replace("\\", "\\\\").replace("'", "\\'")
+            overrides.append(f"{key}='{path}'")
+    setup_globals()  # Hydra's own `now` again
+    if get_rank() > 0:
+        overrides.append("hydra.output_subdir=null")
+        if OmegaConf.select(cfg, "hydra.job_logging.handlers.file") is not None:
+            overrides += ["hydra.job_logging.root.handlers=[console]",
+                          "~hydra.job_logging.handlers.file", "hydra.job_logging.root.level=WARNING"]
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `segtrain <command> ...`; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -151,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segtrain {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "summarize":  # not a Hydra app: it reads a sweep directory
+        from segtrain.sweep import summarize_command
+
+        return summarize_command(rest)
     if command not in APPS:
         valid = ", ".join(COMMANDS)
         print(f"error: unknown command '{command}'; valid commands: {valid}\n", file=sys.stderr)
@@ -168,9 +234,24 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         rest = with_action
-    # Hydra reads sys.argv itself; the program name shows in its --help output.
-    sys.argv = [f"segtrain {command}", *rest]
-    APPS[command]()
+    from segtrain.utils.distributed import (
+        destroy_process_group,
+        init_process_group_from_env,
+        launched_distributed,
+    )
+
+    # Under torchrun, train and eval join the process group before Hydra picks the run directory.
+    distributed = (command in ("train", "eval") and launched_distributed()
+                   and not any(arg in HYDRA_INFO_OPTIONS for arg in rest))
+    try:
+        if distributed:
+            init_process_group_from_env()
+            rest = [*rest, *_rank_overrides(command, rest)]
+        # Hydra reads sys.argv itself; the program name shows in its --help output.
+        sys.argv = [f"segtrain {command}", *rest]
+        APPS[command]()
+    finally:
+        destroy_process_group()
     return 0
 
 

@@ -18,6 +18,7 @@ from segtrain.engine.trainer import resolve_device
 from segtrain.metrics.report import report
 from segtrain.train import build_task, pin_memory
 from segtrain.utils.checkpoint import check_config_targets, load_checkpoint, load_model_state
+from segtrain.utils.distributed import is_main_process, join_launched_group
 
 log = logging.getLogger("segtrain.eval")
 
@@ -54,6 +55,7 @@ def merge_stored_config(stored: DictConfig, composed: DictConfig, keys: list[str
 
 def evaluate(cfg: DictConfig) -> dict:
     """Rebuild model and validation data from the checkpoint alone; report and save metrics."""
+    join_launched_group()
     ckpt_path = Path(cfg.ckpt)
     ckpt = load_checkpoint(ckpt_path)
     stored = OmegaConf.create(ckpt["config"])
@@ -78,9 +80,12 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     metrics_path = output if output.suffix == ".json" else output / "metrics.json"
+    # Under torchrun each rank evaluates its share of the data; every rank gets the output
+    # directory (per-image files are written by their rank, whole-set files by rank 0).
     metrics, _ = evaluate_model(
         model, task, loader, task.build_evaluator(metrics_path.parent), device,
-        run_cfg.trainer.precision,
+        run_cfg.trainer.precision, progress=None if is_main_process() else False,
     )
-    report(metrics, metrics_path)
+    if is_main_process():  # every rank holds the same reduced metrics
+        report(metrics, metrics_path)
     return metrics

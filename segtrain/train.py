@@ -20,7 +20,7 @@ from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resol
 from segtrain.metrics.report import report
 from segtrain.optim import build_param_groups
 from segtrain.utils.checkpoint import check_config_targets, load_checkpoint
-from segtrain.utils.distributed import is_main_process
+from segtrain.utils.distributed import get_world_size, is_main_process, join_launched_group
 
 log = logging.getLogger("segtrain.train")
 
@@ -50,8 +50,14 @@ def build_optimizer(opt_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.
 
 
 def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
-    """Checkpoint to resume from; refuse to start afresh over an earlier run's checkpoint."""
+    """Checkpoint to resume from; refuse to start afresh over an earlier run's checkpoint.
+
+    resume: false | true (run_dir's checkpoints/last.pt, which must exist) | "auto" (that file
+    when it exists, else a fresh start: what a requeued SLURM job needs) | a path to a .pt.
+    """
     last = run_dir / "checkpoints" / "last.pt"
+    if resume == "auto":
+        return last if last.is_file() else None
     if resume is False or resume is None:
         if last.exists():
             raise FileExistsError(
@@ -111,6 +117,7 @@ def pin_memory(cfg: DictConfig, device: torch.device) -> bool:
 
 def train(cfg: DictConfig) -> float | None:
     """Train as configured; returns the objective (the best metric) for Hydra sweepers."""
+    join_launched_group()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer_cfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     resume_from = resolve_resume(cfg.resume, run_dir)
@@ -144,6 +151,9 @@ def train(cfg: DictConfig) -> float | None:
         trainer.load_state_dict(resume_state)
         log.info("resumed from %s at iteration %d", resume_from, trainer.state.step)
     log.info("run directory: %s (%d iterations, device %s)", run_dir, trainer.total_iters, device)
+    if get_world_size() > 1:
+        log.info("distributed data parallel: %d ranks, global batch %d", get_world_size(),
+                 get_world_size() * cfg.data.batch_size * trainer.cfg.grad_accum)
 
     metrics = trainer.fit()
     if not is_main_process():

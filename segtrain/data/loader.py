@@ -67,6 +67,31 @@ class ResumableSampler(Sampler):
         return -(-self.size // self.world) - self.start
 
 
+class ShardSampler(Sampler):
+    """This rank's contiguous share of `range(size)`, in order, without padding.
+
+    Rank r of W takes [r * size // W, (r + 1) * size // W): every index exactly once over all
+    ranks (shares differ by at most one), so summed or gathered evaluator state equals a
+    single-process evaluation's; concatenated in rank order, the shares are the dataset's order
+    (results files and score ties come out as in one process). DistributedSampler would instead
+    pad with repeated samples, counting them twice.
+    """
+
+    def __init__(self, size: int, rank: int | None = None, world: int | None = None) -> None:
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world is None else world
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} outside a world of {self.world} processes")
+        self.begin = self.rank * size // self.world
+        self.end = (self.rank + 1) * size // self.world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.begin, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.begin
+
+
 class SeededDataset(Dataset):
     """Wraps a dataset so each (epoch, index) item is augmented under its own RNG seed.
 
@@ -201,11 +226,13 @@ def build_eval_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Sequential loader for evaluation (every sample once, in order)."""
+    """Sequential loader for evaluation: under DDP, this rank's `ShardSampler` share, in order
+    (each sample on exactly one rank; a share may be empty when there are more ranks than samples).
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=False,
+        sampler=ShardSampler(len(dataset)),
         collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
