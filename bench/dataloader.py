@@ -8,8 +8,9 @@ same run, over the same files and with the same number of loader workers, each s
 decoded, mapped label id -> train id, rescaled by 0.5-2.0, padded and cropped to 512x1024 and
 flipped with p = 0.5:
 
-  segtrain   CityscapesSegmentation (torchvision.io decode, table lookup on the label tensor) +
-             semantic_train_transforms (transforms.v2 on tensors)
+  segtrain   CityscapesSegmentation (torchvision.io decode, uint8 table lookup on the label map) +
+             semantic_train_transforms (transforms.v2 on tensors; the resize and the crop fused
+             into ResizeCrop, which resizes only the window the crop keeps)
   reference  torchvision.datasets.Cityscapes (PIL decode) + the PIL transforms of torchvision's
              references/segmentation/transforms.py, as its SegmentationPresetTrain chains them
              (RandomResize of the short side, RandomHorizontalFlip, RandomCrop, PILToTensor),
@@ -22,7 +23,8 @@ Normalize to its pipeline, as its training script runs them in the loader.
 
 Decoded and mapped label maps (and PNG images) are checked equal on the first frames before
 timing. Rounds alternate; medians compared. Torch runs --threads threads (default 1, as in
-every DataLoader worker process). Target: segtrain/reference >= 1.5.
+every DataLoader worker process). Target: segtrain/reference >= 1.5 (wall time). With 0 workers
+the rates per CPU second of this process are printed too: steadier on a shared machine.
 
     python bench/dataloader.py [--images 40] [--workers 0] [--rounds 3] [--format png|jpg]
                                [--reference-normalize] [--threads 1]
@@ -195,19 +197,21 @@ def check_same_labels(root: Path, count: int, fmt: str) -> None:
             assert torch.equal(image.as_subclass(torch.Tensor), ref_image), f"images differ on {i}"
 
 
-def samples_per_second(dataset: Dataset, workers: int) -> tuple[float, torch.Tensor]:
-    """Rate over one pass, and the histogram of the train ids it produced (256 bins)."""
+def samples_per_second(dataset: Dataset, workers: int) -> tuple[float, float, torch.Tensor]:
+    """Rate over one pass in wall time and in this process's CPU time (meaningful with 0
+    workers: a loaded, shared machine stretches wall time far more than CPU time), and the
+    histogram of the train ids it produced (256 bins)."""
     loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=lambda batch: batch)
     histogram = torch.zeros(256, dtype=torch.int64)
     count = 0
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for batch in loader:
         for image, target in batch:
             label = target["semantic"] if isinstance(target, dict) else target
             assert tuple(image.shape[-2:]) == CROP == tuple(label.shape[-2:])
             histogram += torch.bincount(label.reshape(-1), minlength=256)
             count += 1
-    return count / (time.perf_counter() - start), histogram
+    return count / (time.perf_counter() - start), count / (time.process_time() - start_cpu), histogram
 
 
 def main() -> None:
@@ -229,14 +233,16 @@ def main() -> None:
         ours = CityscapesSegmentation(root, "train", transforms=semantic_train_transforms(
             hflip_prob=0.5, scale_range=SCALE, crop_size=CROP, cat_max_ratio=1.0))
         reference = reference_dataset(root, True, args.reference_normalize)
-        fast, slow = [], []
+        fast, slow, fast_cpu, slow_cpu = [], [], [], []
         hist_ours, hist_ref = torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)
         for _ in range(args.rounds):
-            rate, hist = samples_per_second(ours, args.workers)
+            rate, cpu_rate, hist = samples_per_second(ours, args.workers)
             fast.append(rate)
+            fast_cpu.append(cpu_rate)
             hist_ours += hist
-            rate, hist = samples_per_second(reference, args.workers)
+            rate, cpu_rate, hist = samples_per_second(reference, args.workers)
             slow.append(rate)
+            slow_cpu.append(cpu_rate)
             hist_ref += hist
     f, s = statistics.median(fast), statistics.median(slow)
     print(f"{args.images} {args.format.upper()} frames {SIZE[1]}x{SIZE[0]} -> crop {CROP[1]}x{CROP[0]}, "
@@ -248,6 +254,10 @@ def main() -> None:
     present = [k for k in range(256) if hist_ours[k] or hist_ref[k]]
     print("train-id pixel share over all rounds, segtrain/reference: " + ", ".join(
         f"{k}: {share_ours[k]:.3f}/{share_ref[k]:.3f}" for k in present))
+    if args.workers == 0:
+        f_cpu, s_cpu = statistics.median(fast_cpu), statistics.median(slow_cpu)
+        print(f"per CPU second (this process): segtrain {f_cpu:.2f}, reference {s_cpu:.2f} samples; "
+              f"ratio {f_cpu / s_cpu:.2f}")
     ratio = f / s
     print(f"segtrain/reference = {ratio:.2f} (target >= 1.5): {'PASS' if ratio >= 1.5 else 'FAIL'}")
 

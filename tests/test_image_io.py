@@ -57,6 +57,16 @@ def test_16_bit_label_keeps_values_above_255(tmp_path):
     assert read_label(tmp_path / "l16.png").tolist() == values.astype(np.int64).tolist()
 
 
+def test_unwidened_labels_keep_the_png_integer_type_and_values(tmp_path):
+    eight = np.array([[0, 7, 255], [33, 1, 2]], dtype=np.uint8)
+    sixteen = np.array([[0, 255, 256], [1000, 40000, 65535]], dtype=np.uint16)
+    Image.fromarray(eight).save(tmp_path / "l8.png")
+    Image.fromarray(sixteen).save(tmp_path / "l16.png")
+    narrow8, narrow16 = (read_label(tmp_path / f, widen=False) for f in ("l8.png", "l16.png"))
+    assert narrow8.dtype == torch.uint8 and narrow8.tolist() == eight.tolist()
+    assert narrow16.dtype == torch.uint16 and narrow16.to(torch.int64).tolist() == sixteen.tolist()
+
+
 def test_rgb_label_with_equal_channels_reads_as_grayscale(tmp_path, label):
     gray = label.numpy().astype(np.uint8)
     Image.fromarray(np.stack([gray] * 3, -1)).save(tmp_path / "rgb_gray.png")

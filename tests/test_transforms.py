@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 
 from segtrain.data.meta import DatasetMeta, default_palette
 from segtrain.data.panoptic import masks_to_boxes, panoptic_targets
+from segtrain.data.photometric import _affine
 from segtrain.data.transforms import (
     PadToMultiple,
     PadToSize,
@@ -302,15 +303,25 @@ RECIPES = {  # MMSeg's: RandomResize scale, crop (H, W)
 def test_dataset_presets_use_the_mmseg_recipe(compose_cfg, name):
     cfg = compose_cfg("train", [f"dataset={name}"])
     steps = instantiate(cfg.dataset.train.transforms).transforms
-    assert [type(s).__name__ for s in steps] == [
-        "RandomResize", "RandomCrop", "RandomHorizontalFlip", "PhotoMetricDistortion"
-    ]
-    scale, crop = RECIPES[name]
-    assert steps[0].scale == scale and steps[0].ratio_range == (0.5, 2.0)
-    assert steps[1].size == crop and steps[1].cat_max_ratio == 0.75 and steps[1].ignore_index == 255
+    names = [type(s).__name__ for s in steps]
+    assert names == ["ResizeCrop", "RandomHorizontalFlip", "PhotoMetricDistortion"]
+    resize, crop = steps[0].resize, steps[0].crop
+    assert type(resize) is RandomResize and type(crop) is RandomCrop
+    assert (resize.scale, resize.ratio_range) == (RECIPES[name][0], (0.5, 2.0))
+    assert crop.size == RECIPES[name][1] and crop.cat_max_ratio == 0.75 and crop.ignore_index == 255
 
 
 @pytest.mark.parametrize("name", ["coco_panoptic", "cityscapes_panoptic", "synthetic_panoptic"])
 def test_panoptic_presets_use_the_panoptic_pipeline(compose_cfg, name):
     cfg = compose_cfg("train", [f"dataset={name}"])
     assert cfg.dataset.train.transforms._target_.endswith("panoptic_train_transforms")
+
+
+@pytest.mark.parametrize(
+    ("alpha", "beta"), [(1.0, 17.3), (1.0, -31.9), (0.5, 0.0), (1.4999, 0.0), (1.0, 0.0)]
+)
+def test_photometric_affine_lookup_equals_the_float_expression(alpha, beta):
+    image = torch.arange(256, dtype=torch.uint8).repeat(3, 2, 1)  # every value, (3, 2, 256)
+    expected = (image.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(_affine(image, alpha, beta), expected)
+    assert torch.equal(_affine(image.transpose(1, 2), alpha, beta), expected.transpose(1, 2))

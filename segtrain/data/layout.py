@@ -22,14 +22,28 @@ def require_root(name: str, root: str | os.PathLike | None, tree: Callable[[Any]
     return root
 
 
-def semantic_target(label: torch.Tensor, index: int, stem: str) -> dict[str, Any]:
-    """The target dict of a semantic item: label int64 (H, W) of train ids, 255 = ignore."""
+def semantic_target(
+    label: torch.Tensor, index: int, stem: str, dtype: torch.dtype = torch.int64
+) -> dict[str, Any]:
+    """The target dict of a semantic item: label (H, W) of train ids, 255 = ignore, as `dtype`.
+
+    int64 is the item contract. A loader may keep uint8 (4-8x less memory traffic through the
+    resize, crop and flip) and call `int64_semantic` once after its transforms.
+    """
     return {
-        "semantic": tv_tensors.Mask(label.to(torch.int64).contiguous()),
+        "semantic": tv_tensors.Mask(label.to(dtype).contiguous()),
         "image_id": index,
         "orig_size": torch.tensor(label.shape[-2:], dtype=torch.int64),
         "file_name": stem,
     }
+
+
+def int64_semantic(target: dict[str, Any]) -> dict[str, Any]:
+    """`target` with `semantic` as the item contract's `tv_tensors.Mask` int64 (H, W)."""
+    semantic = target["semantic"]
+    if semantic.dtype == torch.int64:
+        return target
+    return {**target, "semantic": tv_tensors.Mask(semantic.as_subclass(torch.Tensor).to(torch.int64))}
 
 
 def check_same_size(image: torch.Tensor, label: torch.Tensor, image_path: Path, label_path: Path) -> None:

@@ -88,5 +88,11 @@ class PhotoMetricDistortion(v2.Transform):
 
 
 def _affine(image: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """uint8 -> uint8: alpha * image + beta, clipped to [0, 255] and truncated (numpy's astype)."""
-    return (image.float() * alpha + beta).clamp_(0, 255).to(torch.uint8)
+    """uint8 -> uint8: alpha * image + beta, clipped to [0, 255] and truncated (numpy's astype).
+
+    A pointwise function of a uint8 value: computed on the 256 values once and looked up, equal
+    to the float expression on every pixel and ~2x faster on a 512x1024 crop (measured).
+    """
+    table = (torch.arange(256, dtype=torch.float32) * alpha + beta).clamp_(0, 255).to(torch.uint8)
+    # numpy's take indexes by the uint8 values as they are; torch would need int64 indices.
+    return torch.from_numpy(table.numpy().take(image.numpy(force=True)))
