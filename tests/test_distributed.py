@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY, run_cli
+from test_trainer import ToyTask
 from torch import nn
 
 from segtrain.data.loader import ShardSampler, build_eval_loader, build_train_loader
@@ -245,18 +246,12 @@ class SquaredError(Evaluator):
         return {"toy": {"mse": float(state["sums"][0] / state["sums"][1])}}
 
 
-class PointsTask:
+class PointsTask(ToyTask):
+    """test_trainer's task with a SIGTERM to this process at step `stop_at`, and its own evaluator."""
+
     def __init__(self, stop_at: int | None = None) -> None:
+        super().__init__()
         self.stop_at, self.steps = stop_at, 0
-
-    def collate(self, samples):
-        return {"x": torch.stack([s[0] for s in samples]), "y": torch.stack([s[1] for s in samples])}
-
-    def to_device(self, batch, device):
-        return {k: v.to(device) for k, v in batch.items()}
-
-    def batch_size(self, batch) -> int:
-        return len(batch["x"])
 
     def training_step(self, model, batch):
         self.steps += 1
