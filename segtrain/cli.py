@@ -20,10 +20,10 @@ COMMANDS = {
     "train": "train a model (default: small U-Net on the built-in synthetic dataset)",
     "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [overrides]",
     "score": "score prediction files without a model: task=semantic gt=DIR pred=DIR num_classes=N;\n"
-             "         task=instance|lvis gt=GT.json pred=RESULTS.json;\n"
-             "         task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
+             "task=instance|lvis gt=GT.json pred=RESULTS.json;\n"
+             "task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
     "data": "inspect a dataset: data check dataset=NAME [dataset.root=DIR] [n=100] (layout, labels, sizes);\n"
-            "         data show dataset=NAME [n=16] [split=train] [output=grid.png] (a grid PNG)",
+            "data show dataset=NAME [n=16] [split=train] [output=grid.png] (a grid PNG)",
     "summarize": "the table of a sweep: summarize SWEEP_DIR [sort=METRIC] [order=desc|asc]",
 }
 DATA_ACTIONS = ("check", "show")
@@ -36,7 +36,10 @@ USER_ERRORS = (
 
 def _usage() -> str:
     lines = [f"segtrain {__version__}", "", "usage: segtrain <command> [hydra overrides...]", ""]
-    lines += [f"  {name:<6} {text}" for name, text in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    for name, text in COMMANDS.items():
+        first, *more = text.split("\n")
+        lines += [f"  {name:<{width}} {first}", *(" " * (width + 3) + line for line in more)]
     lines += [
         "",
         "`segtrain <command> --help` shows the command's config groups and options (Hydra);",
