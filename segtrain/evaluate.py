@@ -16,7 +16,7 @@ from segtrain.data.meta import DatasetMeta
 from segtrain.engine.evaluation import evaluate_model
 from segtrain.engine.trainer import resolve_device
 from segtrain.metrics.report import report
-from segtrain.train import build_task, pin_memory
+from segtrain.train import build_task, loader_options
 from segtrain.utils.checkpoint import check_config_targets, load_checkpoint, load_model_state
 from segtrain.utils.distributed import is_main_process, join_launched_group
 
@@ -74,10 +74,8 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(run_cfg.trainer.device)
     model.to(device)
     task = build_task(run_cfg, meta, with_loss=False)
-    loader = build_eval_loader(
-        val_set, run_cfg.data.val_batch_size, task.collate, run_cfg.data.num_workers,
-        pin_memory(run_cfg, device),
-    )
+    loader = build_eval_loader(val_set, run_cfg.data.val_batch_size, task.collate,
+                               loader_options(run_cfg, device))
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     metrics_path = output if output.suffix == ".json" else output / "metrics.json"
     # Under torchrun each rank evaluates its share of the data; every rank gets the output

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segtrain.data.loader import build_eval_loader, build_train_loader
+from segtrain.data.loader import LoaderOptions, build_eval_loader, build_train_loader
 from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resolve_device
 from segtrain.metrics.report import report
 from segtrain.optim import build_param_groups
@@ -111,8 +111,10 @@ def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
     return instantiate(cfg.task, loss=loss, class_names=meta.classes, palette=meta.palette)
 
 
-def pin_memory(cfg: DictConfig, device: torch.device) -> bool:
-    return device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
+def loader_options(cfg: DictConfig, device: torch.device) -> LoaderOptions:
+    """The `data` group's loader keys; `pin_memory: auto` means on when training on CUDA."""
+    pin = device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
+    return LoaderOptions(cfg.data.num_workers, pin, cfg.data.persistent_workers, cfg.data.skip_corrupt)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -133,16 +135,11 @@ def train(cfg: DictConfig) -> float | None:
     model = instantiate(cfg.model)
     task = build_task(cfg, meta)
     optimizer = build_optimizer(cfg.optimizer, model)
-    pin = pin_memory(cfg, device)
-    train_loader = build_train_loader(
-        train_set, cfg.data.batch_size, task.collate, cfg.seed, cfg.data.num_workers, pin,
-        cfg.data.persistent_workers, skip_corrupt=cfg.data.skip_corrupt,
-    )
+    options = loader_options(cfg, device)
+    train_loader = build_train_loader(train_set, cfg.data.batch_size, task.collate, cfg.seed, options)
     val_loader = None
     if val_set is not None:
-        val_loader = build_eval_loader(
-            val_set, cfg.data.val_batch_size, task.collate, cfg.data.num_workers, pin
-        )
+        val_loader = build_eval_loader(val_set, cfg.data.val_batch_size, task.collate, options)
     trainer = Trainer(
         model, task, optimizer, instantiate(cfg.scheduler), train_loader, val_loader, trainer_cfg,
         run_dir, checkpoint_extra={"config": OmegaConf.to_yaml(cfg), "meta": meta.to_dict()},

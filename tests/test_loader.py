@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from segtrain.data.cityscapes import CityscapesSegmentation
 from segtrain.data.image_io import CorruptImageError
-from segtrain.data.loader import CorruptSkippingDataset, build_train_loader
+from segtrain.data.loader import CorruptSkippingDataset, LoaderOptions, build_train_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_fixtures import write_cityscapes  # noqa: E402
@@ -33,10 +33,8 @@ def cityscapes(tmp_path) -> tuple[CityscapesSegmentation, Path]:
 
 
 def _epoch(dataset, skip_corrupt: bool, num_workers: int = 0, epoch: int = 0) -> list[str]:
-    loader = build_train_loader(
-        dataset, 2, list, seed=3, num_workers=num_workers, skip_corrupt=skip_corrupt,
-        persistent_workers=False,
-    )
+    options = LoaderOptions(num_workers=num_workers, persistent_workers=False, skip_corrupt=skip_corrupt)
+    loader = build_train_loader(dataset, 2, list, seed=3, options=options)
     loader.sampler.set_epoch(epoch)
     return [name for batch in loader for name in _file_names(batch)]
 

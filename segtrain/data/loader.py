@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -176,21 +177,28 @@ class CorruptSkippingLoader(DataLoader):
             )
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How batches are produced (the `data` config group): worker processes; page-locked
+    batches for CUDA (they copy asynchronously); workers kept between epochs (started once);
+    training samples that do not decode replaced and logged instead of stopping the run."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    skip_corrupt: bool = False
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
     collate_fn: Callable,
     seed: int,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    persistent_workers: bool = True,
-    skip_corrupt: bool = False,
+    options: LoaderOptions = LoaderOptions(),
 ) -> DataLoader:
     """Loader over a `ResumableSampler`; call `loader.sampler.set_epoch(e, start)` each epoch.
 
-    `pin_memory` is for CUDA training (page-locked batches copy asynchronously);
-    `persistent_workers` keeps the workers between epochs (they are started once). With
-    `skip_corrupt`, samples raising `CorruptImageError` are replaced and logged (see
+    With `options.skip_corrupt`, samples raising `CorruptImageError` are replaced and logged (see
     `CorruptSkippingDataset`); otherwise the error, which names the file, stops training.
     """
     if len(dataset) < batch_size:
@@ -198,7 +206,7 @@ def build_train_loader(
             f"the training set has {len(dataset)} samples, fewer than data.batch_size={batch_size}; "
             "lower data.batch_size or add data"
         )
-    if skip_corrupt:
+    if options.skip_corrupt:
         loader_type, items = CorruptSkippingLoader, CorruptSkippingDataset(dataset, seed)
         collate_fn = SkipReportingCollate(collate_fn)
     else:
@@ -208,10 +216,10 @@ def build_train_loader(
         batch_size=batch_size,
         sampler=ResumableSampler(len(dataset), seed),
         collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
+        num_workers=options.num_workers,
+        pin_memory=options.pin_memory,
         drop_last=True,
-        persistent_workers=persistent_workers and num_workers > 0,
+        persistent_workers=options.persistent_workers and options.num_workers > 0,
         worker_init_fn=ignore_stop_signals,
         # Its own generator: creating an iterator must not draw from the global RNG, or a
         # resumed run's dropout would diverge from the uninterrupted run's.
@@ -220,11 +228,7 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    dataset: Dataset,
-    batch_size: int,
-    collate_fn: Callable,
-    num_workers: int = 0,
-    pin_memory: bool = False,
+    dataset: Dataset, batch_size: int, collate_fn: Callable, options: LoaderOptions = LoaderOptions()
 ) -> DataLoader:
     """Sequential loader for evaluation: under DDP, this rank's `ShardSampler` share, in order
     (each sample on exactly one rank; a share may be empty when there are more ranks than samples).
@@ -234,7 +238,7 @@ def build_eval_loader(
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset)),
         collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
+        num_workers=options.num_workers,
+        pin_memory=options.pin_memory,
         worker_init_fn=ignore_stop_signals,
     )
