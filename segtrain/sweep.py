@@ -239,9 +239,10 @@ class SweepSummary(Callback):
     objective returned to the sweeper, best value) and refreshes summary.csv/json in the sweep
     directory as each job ends; prints the table when the sweep ends. Runs only in multirun jobs.
 
-    A failed job is recorded as failed. Hydra ends a sweep with a failed job without calling
-    on_multirun_end, and a job that exits the process (segtrain's CLI exits 1 on a user error)
-    never reaches on_job_end: an exit hook records such a job as failed and prints the table.
+    A failed job is recorded as failed (under multirun segtrain re-raises user errors to Hydra,
+    which runs the other jobs). Hydra ends a sweep with a failed job without calling
+    on_multirun_end, and a job that exits the process (a stop signal, a kill) never reaches
+    on_job_end: an exit hook records such a job as failed and prints the table.
     Jobs under a remote launcher (submitit) call on_job_* on their node, so the summary files
     stay current there too; `segtrain summarize DIR` rebuilds them from the run directories.
     """

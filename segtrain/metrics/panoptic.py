@@ -77,8 +77,11 @@ class Segments:
     area: np.ndarray | None = None
 
 
-def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A per-thread int64 buffer reused from image to image (contents undefined).
+_local = threading.local()  # per worker thread: the id table and the reused buffers
+
+
+def _buffers() -> dict[str, np.ndarray]:
+    """This thread's int64 buffers, reused from image to image (contents undefined).
 
     Fresh multi-MiB arrays for every image cost more than the counting itself: the allocator
     hands their pages back to the OS on free and every reuse faults them in again (measured:
@@ -87,13 +90,16 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
+    return buffers
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """This thread's buffer `name` of int64 `shape`, allocated when missing or of another shape."""
+    buffers = _buffers()
     buffer = buffers.get(name)
     if buffer is None or buffer.shape != shape:
         buffer = buffers[name] = np.empty(shape, np.int64)
     return buffer
-
-
-_local = threading.local()
 
 
 class _IdLookup:
@@ -347,9 +353,9 @@ def _image_pairs(gt: dict, pred: dict, gt_dir: Path, pred_dir: Path,
 
 
 def _pair_stats(pair: _ImagePair, num_stats: int) -> np.ndarray:
-    gt_ids = read_panoptic_png(pair.gt_png, getattr(_local, "gt_ids", None))
-    pred_ids = read_panoptic_png(pair.pred_png, getattr(_local, "pred_ids", None))
-    _local.gt_ids, _local.pred_ids = gt_ids, pred_ids  # reused by this thread's next pair
+    buffers = _buffers()  # filled when the shape matches, else replaced for the next pair
+    gt_ids = buffers["gt_ids"] = read_panoptic_png(pair.gt_png, buffers.get("gt_ids"))
+    pred_ids = buffers["pred_ids"] = read_panoptic_png(pair.pred_png, buffers.get("pred_ids"))
     return image_stats(gt_ids, pair.gt, pred_ids, pair.pred, num_stats, pair.name)
 
 
