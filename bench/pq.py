@@ -3,24 +3,26 @@
 --images pairs of 640x480 PNGs (ground truth: 3-6 stuff regions, 8-24 things, some crowd, VOID
 on segment boundaries and in blobs; predictions: the same scene with jittered shapes, dropped,
 relabelled and hallucinated segments) are written to a temporary folder as COCO panoptic PNG+JSON
-first (not timed). Then, in the same run, each best of --rounds:
+first (not timed). Then, in the same run, each the best of --rounds, the rounds of all of them
+interleaved (this VM's speed drifts by a third over minutes; interleaving keeps ratios honest):
 
-  segtrain             score_panoptic(...) from the files (PNG decode included), default threads:
-                       with torchvision imported (its PNG decoder: training, `segtrain eval`,
-                       Python callers) and, first, without (PIL: the torch-free `segtrain score`)
+  segtrain             score_panoptic(...) from the files (PNG decode included), default threads
+                       and one thread: libpng through ctypes (what `segtrain score` and the
+                       evaluator use), and its PIL fallback (no libpng found, or a PNG with
+                       gamma or transparency chunks)
   pq_compute           panopticapi's pq_compute, its default worker processes (one per CPU)
   pq_compute 1 proc    the same with multiprocessing.cpu_count patched to 1
-  decode floor         only decoding the 2 x --images PNGs with PIL (sequential and in segtrain's
-                       thread pool) and, when torch is installed, torchvision.io.decode_png
+  decode floor         only decoding the 2 x --images PNGs, sequential and in segtrain's thread
+                       pool: torchvision.io.decode_png, PIL, and libpng through ctypes
 
-and as whole processes, start-up included (median of --rounds):
+and as whole processes, start-up included (median of --rounds, interleaved):
 
   segtrain score       python -m segtrain score task=panoptic gt=... gt_dir=... pred=... pred_dir=...
   plain script         python -c "pq_compute(...)"
 
 All numbers must equal pq_compute's to 1e-6 (checked). Targets: pq_compute / segtrain >= 3,
-pq_compute 1 proc / segtrain >= 5, segtrain / decode floor <= 1.5 (each decoder against its own
-floor in the same thread pool), whole process >= 2.
+pq_compute 1 proc / segtrain >= 5, segtrain / torchvision decode floor <= 1.5 (and the PIL
+fallback against PIL's floor), whole process >= 2.
 
     python bench/pq.py [--images 200] [--rounds 3]
 """
@@ -37,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from segtrain.metrics.panoptic import score_panoptic
+from segtrain.utils import png
 
 HEIGHT, WIDTH = 480, 640
 THINGS = list(range(1, 41))
@@ -149,13 +153,15 @@ def write_case(folder: Path, images: int, seed: int = 0) -> dict:
             "pred_dir": folder / "pred"}
 
 
-def best_of(rounds: int, fn: Callable[[], object]) -> tuple[float, object]:
-    times, result = [], None
+def best_of(rounds: int, timed: dict[str, Callable[[], object]]) -> tuple[dict[str, float], dict]:
+    """Best seconds and last result of each callable, the rounds of all of them interleaved."""
+    best, results = dict.fromkeys(timed, math.inf), {}
     for _ in range(rounds):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        for name, fn in timed.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
 
 
 def pq_compute(paths: dict, processes: int | None) -> dict:
@@ -180,24 +186,30 @@ def check_equal(ours: dict, theirs: dict) -> None:
             assert all(abs(got[k] - 100 * ref[k.lower()]) < 1e-6 for k in ("PQ", "SQ", "RQ")), cat
 
 
-def decode_floors(paths: dict, rounds: int, workers: int) -> dict[str, float]:
-    files = sorted(paths["gt_dir"].iterdir()) + sorted(paths["pred_dir"].iterdir())
-
-    def pil(path: Path) -> np.ndarray:
-        return np.asarray(Image.open(path))
-
-    floors = {"PIL, sequential": best_of(rounds, lambda: [pil(f) for f in files])[0]}
-    with ThreadPoolExecutor(workers) as pool:
-        floors[f"PIL, {workers} threads"] = best_of(rounds, lambda: list(pool.map(pil, files)))[0]
+def decoders(files: list[Path], pool: ThreadPoolExecutor) -> dict[str, Callable[[], object]]:
+    """Decoding every file and nothing else, sequentially and in the pool, with each decoder."""
     from torchvision.io import decode_png, read_file
 
-    def tv(path: Path):
-        return decode_png(read_file(str(path)))
+    local = threading.local()
 
-    floors["torchvision, sequential"] = best_of(rounds, lambda: [tv(f) for f in files])[0]
-    with ThreadPoolExecutor(workers) as pool:
-        floors[f"torchvision, {workers} threads"] = best_of(rounds, lambda: list(pool.map(tv, files)))[0]
+    def libpng(path: Path) -> np.ndarray:  # segtrain's decoder, into a reused per-thread buffer
+        local.buffer = png.decode_rgb(path.read_bytes(), getattr(local, "buffer", None))
+        return local.buffer
+
+    floors: dict[str, Callable[[], object]] = {}
+    for name, decode in (("torchvision", lambda path: decode_png(read_file(str(path)))),
+                         ("PIL", lambda path: Image.open(path).load()), ("libpng (ctypes)", libpng)):
+        floors[f"{name}, sequential"] = lambda decode=decode: [decode(f) for f in files]
+        floors[f"{name}, {pool._max_workers} threads"] = lambda decode=decode: list(pool.map(decode, files))
     return floors
+
+
+def without_libpng(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with segtrain's PNG decoding on its PIL fallback."""
+    def run() -> object:
+        with mock.patch.object(png, "_libpng", lambda: None):
+            return fn()
+    return run
 
 
 def whole_process(paths: dict, folder: Path, rounds: int) -> dict[str, float]:
@@ -236,41 +248,49 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     workers = min(8, os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory() as tmp:
+    if not png.libpng_available():
+        raise SystemExit("no libpng 1.6 loads here: segtrain would decode with PIL only")
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(workers) as pool:
         folder = Path(tmp)
         paths = write_case(folder, args.images)
         annotations = json.loads(paths["gt_json"].read_text())["annotations"]
         segments = sum(len(a["segments_info"]) for a in annotations) / args.images
         print(f"{args.images} image pairs at {WIDTH}x{HEIGHT}, {segments:.1f} GT segments per image, "
               f"{os.cpu_count()} CPUs")
-        assert "torchvision" not in sys.modules, "the PIL path must be timed before torchvision loads"
-        pil_s, ours = best_of(args.rounds, lambda: score_panoptic(**paths))
-        import torchvision  # noqa: F401  (from here on score_panoptic decodes with torchvision)
-
-        ours_s, ours_tv = best_of(args.rounds, lambda: score_panoptic(**paths))
-        one_thread_s, _ = best_of(args.rounds, lambda: score_panoptic(**paths, workers=1))
-        assert json.dumps(ours_tv) == json.dumps(ours), "the two decoders must give the same numbers"
-        ref_s, ref = best_of(args.rounds, lambda: pq_compute(paths, None))
-        ref1_s, ref1 = best_of(args.rounds, lambda: pq_compute(paths, 1))
-        check_equal(ours, ref)
-        check_equal(ours, ref1)
-        floors = decode_floors(paths, args.rounds, workers)
+        files = sorted(paths["gt_dir"].iterdir()) + sorted(paths["pred_dir"].iterdir())
+        timed = {
+            "segtrain": lambda: score_panoptic(**paths),
+            "segtrain 1 thread": lambda: score_panoptic(**paths, workers=1),
+            "segtrain PIL": without_libpng(lambda: score_panoptic(**paths)),
+            "pq_compute": lambda: pq_compute(paths, None),
+            "pq_compute 1 proc": lambda: pq_compute(paths, 1),
+            **decoders(files, pool),
+        }
+        seconds, results = best_of(args.rounds, timed)
+        ours = results["segtrain"]
+        for name in ("segtrain 1 thread", "segtrain PIL"):
+            assert json.dumps(results[name]) == json.dumps(ours), f"{name} must give the same numbers"
+        check_equal(ours, results["pq_compute"])
+        check_equal(ours, results["pq_compute 1 proc"])
         processes = whole_process(paths, folder, args.rounds)
-    print(f"segtrain score_panoptic ({workers} threads) {ours_s:6.2f} s   (1 thread: {one_thread_s:.2f} s; "
-          f"PIL decoding, {workers} threads: {pil_s:.2f} s)")
-    print(f"pq_compute ({os.cpu_count()} processes)       {ref_s:6.2f} s")
-    print(f"pq_compute (1 process)           {ref1_s:6.2f} s")
-    for name, seconds in floors.items():
-        print(f"decode {2 * args.images} PNGs, {name:<22} {seconds:6.2f} s")
+    print(f"segtrain score_panoptic ({workers} threads) {seconds['segtrain']:6.2f} s   (1 thread: "
+          f"{seconds['segtrain 1 thread']:.2f} s; PIL fallback, {workers} threads: "
+          f"{seconds['segtrain PIL']:.2f} s)")
+    print(f"pq_compute ({os.cpu_count()} processes)       {seconds['pq_compute']:6.2f} s")
+    print(f"pq_compute (1 process)           {seconds['pq_compute 1 proc']:6.2f} s")
+    for name in seconds:
+        if "," in name:
+            print(f"decode {len(files)} PNGs, {name:<27} {seconds[name]:6.2f} s")
     print(f"PQ {ours['panoptic']['PQ']:.3f}: every number equals pq_compute's to 1e-6")
-    print(f"pq_compute / segtrain           = {_verdict(ref_s / ours_s, 3)}")
-    print(f"pq_compute 1 proc / segtrain    = {_verdict(ref1_s / ours_s, 5)}")
+    ours_s = seconds["segtrain"]
+    print(f"pq_compute / segtrain           = {_verdict(seconds['pq_compute'] / ours_s, 3)}")
+    print(f"pq_compute 1 proc / segtrain    = {_verdict(seconds['pq_compute 1 proc'] / ours_s, 5)}")
     print(f"segtrain / torchvision floor    = "
-          f"{_verdict(ours_s / floors[f'torchvision, {workers} threads'], 1.5, at_least=False)}")
-    print(f"segtrain (PIL) / PIL floor      = "
-          f"{_verdict(pil_s / floors[f'PIL, {workers} threads'], 1.5, at_least=False)}")
-    for name, seconds in processes.items():
-        print(f"whole process, {name:<17} {seconds:6.2f} s")
+          f"{_verdict(ours_s / seconds[f'torchvision, {workers} threads'], 1.5, at_least=False)}")
+    print(f"segtrain PIL / PIL floor        = "
+          f"{_verdict(seconds['segtrain PIL'] / seconds[f'PIL, {workers} threads'], 1.5, at_least=False)}")
+    for name, value in processes.items():
+        print(f"whole process, {name:<17} {value:6.2f} s")
     print(f"plain pq_compute / segtrain score = "
           f"{_verdict(processes['plain pq_compute'] / processes['segtrain score'], 2)}")
 

@@ -6,13 +6,12 @@ import contextlib
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_cli, score_loads_torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from segtrain.data.meta import DatasetMeta, default_palette
 from segtrain.metrics.panoptic import PanopticEvaluator, read_panoptic_png, score_panoptic
@@ -461,10 +460,17 @@ def test_score_panoptic_never_imports_torch(tmp_path):
     assert (tmp_path / "m.json").exists()
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
-def test_torchvision_and_pil_decoders_give_the_same_ids(tmp_path, monkeypatch, mode):
-    import torchvision  # noqa: F401  (with it imported, read_panoptic_png takes its decoder)
+def without_libpng(monkeypatch) -> None:
+    from segtrain.utils import png
 
+    monkeypatch.setattr(png, "_libpng", lambda: None)
+
+
+@pytest.mark.parametrize("decoder", ["libpng", "PIL"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_both_decoders_give_the_ids_and_reject_non_rgb(tmp_path, monkeypatch, decoder, mode):
+    if decoder == "PIL":
+        without_libpng(monkeypatch)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 2**24, (37, 53), dtype=np.uint32)
     channels = [(ids >> shift) & 255 for shift in (0, 8, 16)]
@@ -472,37 +478,48 @@ def test_torchvision_and_pil_decoders_give_the_same_ids(tmp_path, monkeypatch, m
         channels.append(rng.integers(0, 256, ids.shape, dtype=np.uint32))
     Image.fromarray(np.stack(channels, -1).astype(np.uint8), mode).save(tmp_path / "ids.png")
     Image.fromarray((ids & 255).astype(np.uint8), "L").save(tmp_path / "gray.png")
-    with_torchvision = read_panoptic_png(tmp_path / "ids.png")
+    np.testing.assert_array_equal(read_panoptic_png(tmp_path / "ids.png"), ids)
     with pytest.raises(ValueError, match="gray.png.*expected RGB-encoded ids"):
         read_panoptic_png(tmp_path / "gray.png")
-    monkeypatch.delitem(sys.modules, "torchvision")
-    with_pil = read_panoptic_png(tmp_path / "ids.png")
-    with pytest.raises(ValueError, match="gray.png.*expected RGB-encoded ids"):
-        read_panoptic_png(tmp_path / "gray.png")
-    np.testing.assert_array_equal(with_torchvision, ids)
-    np.testing.assert_array_equal(with_pil, ids)
 
 
-@pytest.mark.parametrize("decoder", ["torchvision", "PIL"])
+def test_png_with_gamma_reads_the_stored_ids_as_pq_compute(tmp_path):
+    """libpng would colour-correct a gAMA file; such files go to PIL, which reads what is stored."""
+    ids = np.random.default_rng(3).integers(0, 2**24, (9, 11), dtype=np.uint32)
+    info = PngImagePlugin.PngInfo()
+    info.add(b"gAMA", (100000).to_bytes(4, "big"))
+    Image.fromarray(id_to_rgb(ids.astype(np.int64)), "RGB").save(tmp_path / "gamma.png", pnginfo=info)
+    np.testing.assert_array_equal(read_panoptic_png(tmp_path / "gamma.png"), ids)
+
+
+def test_corrupt_png_error_names_the_file(tmp_path):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "ok.png")
+    data = bytearray((tmp_path / "ok.png").read_bytes())
+    cut = data.index(b"IDAT") + 8
+    (tmp_path / "bad.png").write_bytes(bytes(data[:cut]) + bytes(10))
+    with pytest.raises(ValueError, match=r"bad\.png could not be decoded: libpng"):
+        read_panoptic_png(tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("decoder", ["libpng", "PIL"])
 def test_ids_of_any_shape_fill_a_reused_buffer_exactly(tmp_path, monkeypatch, decoder):
-    """The 3-byte-stride uint32 view must neither read past the last pixel nor mix pixels."""
-    import torchvision  # noqa: F401
-
+    """The strided uint32 view must neither read past the last pixel nor mix pixels."""
     if decoder == "PIL":
-        monkeypatch.delitem(sys.modules, "torchvision")
+        without_libpng(monkeypatch)
     rng = np.random.default_rng(1)
     buffer = None
     for shape in [(1, 1), (1, 7), (5, 1), (2, 3), (31, 17), (2, 3)]:
-        ids = rng.integers(0, 2**24, shape, dtype=np.uint32)
-        ids.flat[-1] = 2**24 - 1  # the last pixel, read on its own
-        rgb = np.stack([(ids >> shift) & 255 for shift in (0, 8, 16)], -1).astype(np.uint8)
-        Image.fromarray(rgb, "RGB").save(tmp_path / "ids.png")
-        got = read_panoptic_png(tmp_path / "ids.png", out=buffer)
-        np.testing.assert_array_equal(got, ids)
-        assert got.dtype == np.int64
-        if buffer is not None and buffer.shape == shape:
-            assert got is buffer
-        buffer = got
+        for mode in ("RGB", "RGBA"):
+            ids = rng.integers(0, 2**24, shape, dtype=np.uint32)
+            ids.flat[-1] = 2**24 - 1  # the last pixel, read on its own
+            channels = [(ids >> shift) & 255 for shift in (0, 8, 16)] + [ids * 0 + 7] * (mode == "RGBA")
+            Image.fromarray(np.stack(channels, -1).astype(np.uint8), mode).save(tmp_path / "ids.png")
+            got = read_panoptic_png(tmp_path / "ids.png", out=buffer)
+            np.testing.assert_array_equal(got, ids)
+            assert got.dtype == np.int64
+            if buffer is not None and buffer.shape == shape:
+                assert got is buffer
+            buffer = got
 
 
 def test_metrics_are_plain_floats_as_checkpoints_need():
