@@ -15,10 +15,10 @@ are all in `_PLAIN_CHUNKS` take this path: their samples come out as stored, as 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import importlib.util
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +40,9 @@ class _PngImage(ctypes.Structure):
                 ("message", ctypes.c_char * 64)]
 
 
-def _candidates() -> list[str]:
-    """libpng16 files to try: the ones bundled with torchvision's and Pillow's wheels (the same
-    build torchvision decodes with), then the system's."""
-    found = []
+def _candidates() -> Iterator[str]:
+    """libpng16 files to try, lazily: the ones bundled with torchvision's and Pillow's wheels (the
+    same build torchvision decodes with), then the system's (find_library runs ldconfig: last)."""
     for package, folders in (("torchvision", ("../torchvision.libs", ".dylibs")),
                              ("PIL", ("../pillow.libs", ".dylibs"))):
         spec = importlib.util.find_spec(package)  # finds without importing
@@ -51,10 +50,13 @@ def _candidates() -> list[str]:
             continue
         root = Path(next(iter(spec.submodule_search_locations)))
         for folder in folders:
-            found += sorted(str(p) for p in (root / folder).glob("libpng16*"))
-    found += ["libpng16.so.16", "libpng16.16.dylib"]
-    system = ctypes.util.find_library("png16") or ctypes.util.find_library("libpng16")
-    return found + ([system] if system else [])
+            yield from sorted(str(p) for p in (root / folder).glob("libpng16*"))
+    yield from ("libpng16.so.16", "libpng16.16.dylib")
+    import ctypes.util
+
+    for name in ("png16", "libpng16"):
+        if found := ctypes.util.find_library(name):
+            yield found
 
 
 @functools.cache
