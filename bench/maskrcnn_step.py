@@ -13,14 +13,10 @@ than fp32. On a CPU use small sizes to check that it runs:
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from train_overhead import trainer_loop
+from train_overhead import compare_with_bare
 
 from segtrain.engine.evaluation import autocast_context
 from segtrain.engine.trainer import resolve_device
@@ -93,22 +89,8 @@ def main() -> None:
                                max_size=max(args.height, args.width)).to(device)
     task = InstanceTask(CLASSES)
     batches = make_batches(2, args.batch, args.height, args.width, objects=8)
-    bare, ours = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        bare_loop(copy.deepcopy(reference), task, batches, 2, device, args.precision)  # warm-up
-        for r in range(args.rounds):
-            bare.append(bare_loop(copy.deepcopy(reference), task, batches, args.iters, device,
-                                  args.precision))
-            ours.append(trainer_loop(copy.deepcopy(reference), task, batches, args.iters, device,
-                                     args.precision, Path(tmp) / f"r{r}", lr=1e-4))
-    b, t = statistics.median(bare), statistics.median(ours)
-    print(f"device {device}, precision {args.precision}, batch {args.batch}x3x{args.height}x{args.width}, "
-          f"{args.iters} iters x {args.rounds} rounds")
-    print(f"bare torchvision step {b:.4f} s/iter  (rounds: {', '.join(f'{x:.4f}' for x in bare)})")
-    print(f"segtrain Trainer      {t:.4f} s/iter  (rounds: {', '.join(f'{x:.4f}' for x in ours)})")
-    ratio = t / b
-    print(f"ratio trainer/bare = {ratio:.3f} (target <= 1.05): {'PASS' if ratio <= 1.05 else 'FAIL'}")
-
+    compare_with_bare(reference, task, batches, args, bare=bare_loop, warmup=2, lr=1e-4, target=1.05,
+                      header=f"batch {args.batch}x3x{args.height}x{args.width}")
 
 if __name__ == "__main__":
     main()

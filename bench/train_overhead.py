@@ -16,6 +16,7 @@ import copy
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,6 +93,29 @@ def trainer_loop(model, task, batches, iters, device, precision, run_dir: Path, 
     return (time.perf_counter() - start) / iters
 
 
+def compare_with_bare(reference, task, batches, args, bare: Callable | None = None, warmup: int = 3,
+                      lr: float = 1e-3, target: float = 1.03, header: str = "") -> None:
+    """Time `bare` (default: bare_loop) and the Trainer on fresh copies of `reference`, rounds
+    alternating so that machine noise hits both alike; print both medians and the ratio."""
+    bare = bare or bare_loop
+    device = next(reference.parameters()).device
+    times: dict[str, list[float]] = {"bare": [], "segtrain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        bare(copy.deepcopy(reference), task, batches, warmup, device, args.precision)
+        for r in range(args.rounds):
+            times["bare"].append(bare(copy.deepcopy(reference), task, batches, args.iters, device,
+                                      args.precision))
+            times["segtrain"].append(trainer_loop(copy.deepcopy(reference), task, batches, args.iters,
+                                                  device, args.precision, Path(tmp) / f"r{r}", lr=lr))
+    b, t = statistics.median(times["bare"]), statistics.median(times["segtrain"])
+    print(f"device {device}, precision {args.precision}, {header}, {args.iters} iters x {args.rounds} "
+          f"rounds, threads {torch.get_num_threads()}")
+    for name, median in (("bare", b), ("segtrain", t)):
+        print(f"{name:<14} {median:.4f} s/iter  (rounds: {', '.join(f'{x:.4f}' for x in times[name])})")
+    ratio = t / b
+    print(f"ratio trainer/bare = {ratio:.3f} (target <= {target}): {'PASS' if ratio <= target else 'FAIL'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -111,21 +135,7 @@ def main() -> None:
         reference = reference.to(memory_format=torch.channels_last)
     task = SemanticTask(classes, loss=CrossEntropyLoss(), channels_last=args.channels_last)
     batches = make_batches(8, args.batch, args.size, classes)
-    bare, ours = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        bare_loop(copy.deepcopy(reference), task, batches, 3, device, args.precision)  # warm-up
-        for r in range(args.rounds):
-            bare.append(bare_loop(copy.deepcopy(reference), task, batches, args.iters, device,
-                                  args.precision))
-            ours.append(trainer_loop(copy.deepcopy(reference), task, batches, args.iters, device,
-                                     args.precision, Path(tmp) / f"r{r}"))
-    b, t = statistics.median(bare), statistics.median(ours)
-    print(f"device {device}, precision {args.precision}, batch {args.batch}x3x{args.size}^2, "
-          f"{args.iters} iters x {args.rounds} rounds, threads {torch.get_num_threads()}")
-    print(f"bare loop      {b:.4f} s/iter  (rounds: {', '.join(f'{x:.4f}' for x in bare)})")
-    print(f"segtrain       {t:.4f} s/iter  (rounds: {', '.join(f'{x:.4f}' for x in ours)})")
-    ratio = t / b
-    print(f"ratio trainer/bare = {ratio:.3f} (target <= 1.03): {'PASS' if ratio <= 1.03 else 'FAIL'}")
+    compare_with_bare(reference, task, batches, args, header=f"batch {args.batch}x3x{args.size}^2")
 
 
 if __name__ == "__main__":
