@@ -12,11 +12,10 @@ than fp32. On a CPU use small sizes to check that it runs:
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from train_overhead import compare_with_bare
+from train_overhead import compare_with_bare, loop_arguments
 
 from segtrain.engine.evaluation import autocast_context
 from segtrain.engine.trainer import resolve_device
@@ -72,11 +71,7 @@ def bare_loop(model, task, batches, iters, device, precision) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = loop_arguments(__doc__.splitlines()[0], iters=20, rounds=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1333)

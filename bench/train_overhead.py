@@ -116,12 +116,18 @@ def compare_with_bare(reference, task, batches, args, bare: Callable | None = No
     print(f"ratio trainer/bare = {ratio:.3f} (target <= {target}): {'PASS' if ratio <= target else 'FAIL'}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def loop_arguments(description: str, iters: int, rounds: int) -> argparse.ArgumentParser:
+    """The options every bare-vs-Trainer bench takes: precision, device, iterations, rounds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
+
+
+def main() -> None:
+    parser = loop_arguments(__doc__.splitlines()[0], iters=100, rounds=5)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels-last", action="store_true")
