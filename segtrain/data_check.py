@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
@@ -37,10 +38,15 @@ def build_splits(cfg: DictConfig) -> dict[str, Any]:
     """The configured train (and val) datasets without their transforms: what is on disk.
 
     Like `train.build_data`, class counts left null in `cfg.dataset` are filled from the train
-    set's metadata, so the val set is built with the same classes.
+    set's metadata, so the val set is built with the same classes. A dataset whose constructor
+    takes `strict` (dataset=folder) is built with strict=False: the problems its label scan
+    finds are kept in its `label_problems` for `check` to report with the rest, not raised.
     """
     def build(node: DictConfig) -> Any:
-        return instantiate(node, transforms=None) if "transforms" in node else instantiate(node)
+        options = {"transforms": None} if "transforms" in node else {}
+        if "strict" in inspect.signature(get_object(node._target_)).parameters:
+            options["strict"] = False
+        return instantiate(node, **options)
 
     from segtrain.train import fill_class_counts
 
@@ -148,8 +154,12 @@ def thing_classes(labels: torch.Tensor, meta: DatasetMeta) -> torch.Tensor | Non
     return torch.tensor(things, dtype=torch.int64)[labels - 1] if len(labels) else labels
 
 
-def format_stats(stats: SplitStats, meta: DatasetMeta) -> str:
-    """The summary table of one split: class, pixels % (of non-void pixels), images containing it."""
+def format_stats(stats: SplitStats, meta: DatasetMeta, void_note: str | None = None) -> str:
+    """The summary table of one split: class, pixels % (of non-void pixels), images containing it.
+
+    `void_note` says how void is written (default "ignore_index=N"), e.g. "raw value 11 in the
+    files -> ignore_index=255" when classes.yaml names another void value than the targets use.
+    """
     lines = [f"{stats.name}: {stats.size} images ({stats.checked} checked, {len(stats.problems)} problems)"]
     has_pixels, has_instances = stats.all_pixels > 0, bool(stats.instances)
     width = max([5, *(len(c) for c in meta.classes)])
@@ -165,7 +175,7 @@ def format_stats(stats: SplitStats, meta: DatasetMeta) -> str:
         row += f"  {int(stats.instances_of[c]):9d}" if has_instances else ""
         lines.append(row)
     if has_pixels:
-        lines.append(f"  void (ignore_index={meta.ignore_index}): "
+        lines.append(f"  void ({void_note or f'ignore_index={meta.ignore_index}'}): "
                      f"{100.0 * stats.void_pixels / stats.all_pixels:.2f}% of all pixels")
     if has_instances:
         n = stats.instances
@@ -174,20 +184,43 @@ def format_stats(stats: SplitStats, meta: DatasetMeta) -> str:
     return "\n".join(lines)
 
 
+def scan_findings(dataset: Any, name: str, all_items_read: bool) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a dataset's label scan (`label_problems`, dataset=folder).
+
+    Values outside the classes and masks that do not decode are reported by the item reads,
+    with their file, so the scan's own report of them is left out when every item was read.
+    """
+    errors, warnings = [], []
+    for problem in getattr(dataset, "label_problems", []):
+        if problem.level == "warning":
+            warnings.append(problem.message)
+        elif not (all_items_read and problem.kind in ("range", "unreadable")):
+            errors.append(f"{name}: {problem.message}")
+    return errors, warnings
+
+
 def check(cfg: DictConfig) -> None:
-    """Print each split's summary; any problem is a ValueError listing the first few (exit 1)."""
+    """Print each split's summary and warnings; any problem is a ValueError listing the first
+    few (exit 1). Besides reading every item (or `n`), the label scan of dataset=folder judges
+    the values of every mask (binary 0/255 masks, noise, stray and rare values, gaps)."""
     splits = build_splits(cfg)
-    problems, total = [], 0
+    problems, warned = [], 0
     for name, dataset in splits.items():
         stats = check_split(dataset, name, cfg.n)
-        print(format_stats(stats, dataset.meta), flush=True)
-        total += len(stats.problems)
+        errors, warnings = scan_findings(dataset, name, stats.checked == stats.size)
+        stats.problems = errors + stats.problems
+        print(format_stats(stats, dataset.meta, getattr(dataset, "void_note", None)), flush=True)
+        for message in warnings:
+            print("  WARNING: " + message.replace("\n", "\n    "), flush=True)
+        warned += len(warnings)
         problems += stats.problems
+    total = len(problems)
     if total:
-        shown = "\n  ".join(problems[: cfg.max_problems])
+        shown = "\n  ".join(p.replace("\n", "\n    ") for p in problems[: cfg.max_problems])
         more = f"\n  ... and {total - cfg.max_problems} more" if total > cfg.max_problems else ""
         raise ValueError(f"dataset={cfg.dataset.name}: {total} problems:\n  {shown}{more}")
-    print(f"dataset={cfg.dataset.name}: no problems found")
+    print(f"dataset={cfg.dataset.name}: no problems found"
+          + (f" ({warned} warning{'s' * (warned > 1)} above)" if warned else ""))
 
 
 # ----------------------------------------------------------------------------------------- show

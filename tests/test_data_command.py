@@ -17,6 +17,12 @@ from segtrain.data_check import check_split, format_stats, render_sample
 SMALL = ["dataset.train.image_size=32", "dataset.val.image_size=32"]
 
 
+@pytest.fixture(autouse=True)
+def label_scan_cache(tmp_path, monkeypatch):
+    """The folder dataset's label scan caches under tmp_path (run_cli passes the environment on)."""
+    monkeypatch.setenv("SEGTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def _table(stdout: str, split: str) -> dict[str, tuple[float, int]]:
     """The printed rows of one split: class name -> (pixels %, images containing it)."""
     lines = stdout.splitlines()

@@ -16,6 +16,13 @@ from segtrain.data.image_io import write_label
 from segtrain.train import build_data
 
 
+@pytest.fixture(autouse=True)
+def label_scan_cache(tmp_path, monkeypatch) -> Path:
+    """The label scan's cache goes under tmp_path, never into the user's ~/.cache."""
+    monkeypatch.setenv("SEGTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def write_pair(root: Path, split: str, stem: str, mask: np.ndarray, image_ext: str = ".png",
                image_size: tuple[int, int] | None = None) -> np.ndarray:
     """Write a random RGB image (default: the mask's size) and `mask` (H, W) or (H, W, 3) as PNG."""
@@ -104,7 +111,9 @@ def test_classes_are_counted_from_the_masks_and_named_by_id(tmp_path):
 
 def test_label_outside_the_classes_names_the_file_and_values(tmp_path):
     write_pair(tmp_path, "train", "bad_one", np.array([[0, 5], [6, 1]]))
-    dataset = FolderDataset(tmp_path, "train", num_classes=2)
+    with pytest.raises(ValueError, match=r"bad_one\.png: label values \[5, 6\] are outside"):
+        FolderDataset(tmp_path, "train", num_classes=2)  # found by the label scan, before any item
+    dataset = FolderDataset(tmp_path, "train", num_classes=2, strict=False)
     with pytest.raises(ValueError, match=r"bad_one\.png: label values \[5, 6\] are outside"):
         dataset[0]
 
