@@ -4,53 +4,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from segtrain.config_check import check_config
 from segtrain.data.loader import build_eval_loader
 from segtrain.data.meta import DatasetMeta
 from segtrain.engine.evaluation import evaluate_model
-from segtrain.engine.trainer import resolve_device
+from segtrain.engine.trainer_config import resolve_device
+from segtrain.eval_config import build_eval_config
 from segtrain.metrics.report import report
 from segtrain.train import build_task, loader_options
-from segtrain.utils.checkpoint import check_config_targets, load_checkpoint, load_model_state
+from segtrain.utils.checkpoint import load_checkpoint, load_model_state
 from segtrain.utils.distributed import is_main_process, join_launched_group
 
 log = logging.getLogger("segtrain.eval")
-
-# Keys of eval.yaml itself; every other command-line override edits the checkpoint's config.
-EVAL_KEYS = {"ckpt", "output", "use_ema"}
-
-
-def _command_line_keys() -> list[str]:
-    """Config paths the user set on the command line (group choices and values alike)."""
-    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
-    return [o.key_or_group for o in overrides if not o.is_delete()]
-
-
-def _raw_value(container: dict, dotted: str) -> Any:
-    node: Any = container
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def merge_stored_config(stored: DictConfig, composed: DictConfig, keys: list[str]) -> DictConfig:
-    """The checkpoint's config, with the values at `keys` taken from the composed command line.
-
-    Values are copied unresolved, so `${dataset.num_classes}`-style links keep working.
-    """
-    merged = stored.copy()
-    raw = OmegaConf.to_container(composed, resolve=False)
-    for key in keys:
-        if key.split(".")[0] in EVAL_KEYS or key.startswith("hydra"):
-            continue
-        OmegaConf.update(merged, key, _raw_value(raw, key), merge=False, force_add=True)
-    return merged
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -58,10 +28,9 @@ def evaluate(cfg: DictConfig) -> dict:
     join_launched_group()
     ckpt_path = Path(cfg.ckpt)
     ckpt = load_checkpoint(ckpt_path)
-    stored = OmegaConf.create(ckpt["config"])
-    check_config_targets(OmegaConf.to_container(stored), f"checkpoint {ckpt_path}")
-    run_cfg = merge_stored_config(stored, cfg, _command_line_keys())
-
+    run_cfg = build_eval_config(ckpt["config"], cfg, HydraConfig.get().overrides.task,
+                                f"checkpoint {ckpt_path}")
+    check_config(run_cfg)  # after the trust check: this imports the (allowed) targets
     val_set = instantiate(run_cfg.dataset.val)
     meta = DatasetMeta.from_dict(ckpt["meta"]) if "meta" in ckpt else val_set.meta
     model = instantiate(run_cfg.model)
@@ -76,6 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
     task = build_task(run_cfg, meta, with_loss=False)
     loader = build_eval_loader(val_set, run_cfg.data.val_batch_size, task.collate,
                                loader_options(run_cfg, device))
+    log.info("evaluating %s on %d images (device %s)", ckpt_path, len(val_set), device)
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     metrics_path = output if output.suffix == ".json" else output / "metrics.json"
     # Under torchrun each rank evaluates its share of the data; every rank gets the output

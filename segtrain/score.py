@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from segtrain.metrics.report import format_ap_table, format_pq_table, report
+from segtrain.metrics.report import report
 
 SCORE_TASKS = ("semantic", "instance", "lvis", "panoptic")
 
@@ -39,7 +39,6 @@ def score(cfg: DictConfig) -> dict:
             if cfg[key] is None:
                 raise ValueError(f"score task=panoptic needs {key}=DIR (the folder of the {key[:-4]} PNGs)")
         metrics = score_panoptic(cfg.gt, cfg.gt_dir, cfg.pred, cfg.pred_dir, workers=cfg.workers)
-        print(format_pq_table(metrics))
     else:
         from segtrain.metrics.coco import score_coco
         from segtrain.metrics.lvis import score_lvis
@@ -51,7 +50,6 @@ def score(cfg: DictConfig) -> dict:
             iou_types = [iou_types] if isinstance(iou_types, str) else list(iou_types)
         scorer = score_coco if task == "instance" else score_lvis
         metrics = scorer(cfg.gt, cfg.pred, iou_types, area_from=cfg.area_from, backend=cfg.backend)
-        print(format_ap_table(metrics))
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     report(metrics, output if output.suffix == ".json" else output / "metrics.json")
     return metrics

@@ -144,9 +144,18 @@ def write_metrics_json(metrics: Mapping[str, Any], path: str | os.PathLike) -> N
 
 
 def report(metrics: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Print the tables and write metrics.json (what every command ends with)."""
+    """Print the tables and write metrics.json (what every command ends with).
+
+    Each family present gets its table: semantic (per-class IoU/Acc), segm/bbox (per-class AP,
+    then every summary number: AP... and AR1/AR10/AR100/ARs/ARm/ARl as pycocotools prints them),
+    panoptic (PQ/SQ/RQ); then one headline line per family.
+    """
     if "semantic" in metrics:
         print(format_semantic_table(metrics))
+    if any(isinstance(metrics.get(family), Mapping) for family in ("segm", "bbox")):
+        print(format_ap_table(metrics))
+    if isinstance(metrics.get("panoptic"), Mapping):
+        print(format_pq_table(metrics))
     print(format_metrics_summary(metrics))
     write_metrics_json(metrics, path)
     print(f"metrics written to {path}")

