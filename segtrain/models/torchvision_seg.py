@@ -57,7 +57,9 @@ def build_torchvision_segmentation(
     torchvision weights names found in the torch hub cache; nothing is downloaded. A head trained
     for a different class count is re-initialised, the rest loaded strictly. `weights` covers the
     backbone, so `weights_backbone` is then ignored, as in torchvision. torchvision's builders
-    silently ignore unknown keyword arguments, so any `kwargs` are rejected instead.
+    silently ignore unknown keyword arguments, so any `kwargs` are rejected instead. With
+    neither `weights` nor `weights_backbone`, BatchNorm momenta are raised to 0.1 (MobileNetV3's
+    0.01 assumes pretrained statistics; see `_from_scratch_bn_momentum`).
     """
     if name not in MODELS:
         raise ValueError(f"unknown torchvision segmentation model {name!r}; expected one of "
@@ -73,6 +75,8 @@ def build_torchvision_segmentation(
     # Only the aux flag is passed for models that have one: lraspp rejects even aux_loss=False.
     extra = {"aux_loss": aux_loss} if spec.has_aux else {}
     model = spec.build(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
+    if weights is None and weights_backbone is None:
+        _from_scratch_bn_momentum(model)
     if weights is not None:
         if weights_backbone is not None:
             log.warning("%s: model.weights=%s already holds the backbone; ignoring "
@@ -81,6 +85,25 @@ def build_torchvision_segmentation(
     elif weights_backbone is not None:
         _load_backbone(model, spec, weights_backbone)
     return model
+
+
+# BatchNorm momentum of models trained from scratch (PyTorch's default).
+FROM_SCRATCH_BN_MOMENTUM = 0.1
+
+
+def _from_scratch_bn_momentum(model: nn.Module) -> None:
+    """Raise BatchNorm momenta below FROM_SCRATCH_BN_MOMENTUM to it (MobileNetV3's 0.01).
+
+    torchvision's MobileNetV3 keeps TF's BatchNorm decay, momentum 0.01, made for fine-tuning
+    from pretrained statistics. From scratch, the running variance starts at 1 and its depthwise
+    layers' true variance is ~1e-3, so after n iterations the initial 1 still weighs 0.99**n
+    (5% after 300): each depthwise output is shrunk several-fold in eval mode, the shrinkage
+    compounds over 15 blocks and the eval-mode model predicts one class (issue 13; figures in
+    docs/BENCHMARKS.md). At 0.1 the initial value weighs 0.9**n (3e-5 after 100).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+            module.momentum = max(module.momentum, FROM_SCRATCH_BN_MOMENTUM)
 
 
 def _load_full(model: nn.Module, spec: _Spec, weights: str) -> None:
