@@ -28,7 +28,8 @@ $(VENV)/.dev: $(VENV)/.runtime
 	$(BIN)/python -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $@
 
-# Train the default U-Net on synthetic shapes, then evaluate its checkpoint as a user would.
+# Train the demo U-Net recipe (experiment=synthetic_unet) on synthetic shapes, then evaluate its
+# checkpoint as a user would.
 demo: $(VENV)/.runtime
 	$(BIN)/segtrain train experiment=synthetic_unet hydra.run.dir=$(DEMO_DIR)
 	$(BIN)/segtrain eval ckpt=$(DEMO_DIR)/checkpoints/last.pt output=$(DEMO_DIR)/eval_metrics.json

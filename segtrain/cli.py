@@ -28,10 +28,10 @@ COMMANDS = {
 }
 DATA_ACTIONS = ("check", "show")
 
-# Errors a user can cause (bad paths, bad values, bad files): shown as one paragraph, no traceback.
-USER_ERRORS = (
-    FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, FloatingPointError
-)
+# Errors a user can cause (bad paths, bad values, bad files, a full or read-only disk): shown as
+# one paragraph, no traceback. OSError covers FileNotFoundError, FileExistsError, PermissionError.
+USER_ERRORS = (OSError, ValueError, KeyError, FloatingPointError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _usage() -> str:
@@ -51,28 +51,63 @@ def _usage() -> str:
 def _run_guarded(fn: Callable[[DictConfig], object], cfg: DictConfig) -> object:
     """Run a command; turn expected user errors into a clear message and exit status 1."""
     from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
 
-    from segtrain.errors import TrainingInterrupted
+    from segtrain.errors import TrainingInterrupted, user_message
 
     try:
         try:
             return fn(cfg)
         except InstantiationException as wrapped:
             # Hydra wraps what a dataset/model constructor raised; the user needs the original.
-            if isinstance(wrapped.__cause__, USER_ERRORS):
+            if isinstance(wrapped.__cause__, (*USER_ERRORS, OmegaConfBaseException)):
                 raise wrapped.__cause__ from None
             raise
     except TrainingInterrupted as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
-    except USER_ERRORS as err:
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): segtrain {_command()} stopped", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except (*USER_ERRORS, OmegaConfBaseException) as err:
         if os.environ.get("SEGTRAIN_DEBUG") or os.environ.get("HYDRA_FULL_ERROR") or _in_multirun():
             # In a sweep, Hydra records the job as failed (with this error) and runs the others.
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
         log.debug("error details", exc_info=True)
-        print(f"error: {message}\n(set SEGTRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {user_message(err, _command())}\n(set SEGTRAIN_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         sys.exit(1)
+
+
+def _command() -> str:
+    """The running subcommand (the Hydra job name: train, eval, score, data)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.name if HydraConfig.initialized() else "train"
+
+
+def _end_child_processes(grace_s: float = 2.0) -> None:
+    """Kill loader workers still alive when a command ends, so the process can exit.
+
+    Loops shut their workers down on every way out (`segtrain.data.loader.shutdown_workers`);
+    this is the last resort: multiprocessing's exit handler would otherwise wait forever on
+    workers that ignore SIGTERM.
+    """
+    if "multiprocessing" not in sys.modules:
+        return
+    import multiprocessing
+    import signal
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    # torch's SIGCHLD handler would raise for each worker it sees die.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.join(timeout=grace_s / len(children))
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=grace_s)
 
 
 def _in_multirun() -> bool:
@@ -237,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         rest = with_action
+    if command == "eval":
+        from segtrain.eval_config import eval_overrides
+
+        rest = eval_overrides(rest)
     from segtrain.utils.distributed import (
         destroy_process_group,
         init_process_group_from_env,
@@ -254,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"segtrain {command}", *rest]
         APPS[command]()
     finally:
+        _end_child_processes()
         destroy_process_group()
     return 0
 

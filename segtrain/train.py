@@ -15,11 +15,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segtrain.config_check import check_class_counts, check_config
+from segtrain.config_trust import check_stored_config
 from segtrain.data.loader import LoaderOptions, build_eval_loader, build_train_loader
+from segtrain.engine.run_dir import claim_run_dir
+from segtrain.engine.run_dir import resolve_resume as resolve_resume  # re-exported: its old home
 from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resolve_device
 from segtrain.metrics.report import report
 from segtrain.optim import build_param_groups
-from segtrain.utils.checkpoint import check_config_targets, load_checkpoint
+from segtrain.utils.checkpoint import load_checkpoint
 from segtrain.utils.distributed import get_world_size, is_main_process, join_launched_group
 
 log = logging.getLogger("segtrain.train")
@@ -47,31 +51,6 @@ def build_optimizer(opt_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.
         model, lr=opt_cfg.lr, weight_decay=opt_cfg.get("weight_decay", 0.0), **with_groups
     )
     return instantiate(opt_cfg)(groups)
-
-
-def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
-    """Checkpoint to resume from; refuse to start afresh over an earlier run's checkpoint.
-
-    resume: false | true (run_dir's checkpoints/last.pt, which must exist) | "auto" (that file
-    when it exists, else a fresh start: what a requeued SLURM job needs) | a path to a .pt.
-    """
-    last = run_dir / "checkpoints" / "last.pt"
-    if resume == "auto":
-        return last if last.is_file() else None
-    if resume is False or resume is None:
-        if last.exists():
-            raise FileExistsError(
-                f"{last} already holds a checkpoint from an earlier run; pass resume=true to "
-                "continue it, or choose another hydra.run.dir (nothing was overwritten)"
-            )
-        return None
-    path = last if resume is True else Path(str(resume))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"resume={resume}: no checkpoint at {path}; expected checkpoints/last.pt of an "
-            "earlier run (pass hydra.run.dir=<that run's directory> with resume=true)"
-        )
-    return path
 
 
 def build_data(cfg: DictConfig) -> tuple[Any, Any]:
@@ -111,6 +90,37 @@ def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
     return instantiate(cfg.task, loss=loss, class_names=meta.classes, palette=meta.palette)
 
 
+def check_task_fits_data(task: Any, cfg: DictConfig, splits: dict[str, Any]) -> None:
+    """The first item of each split has the annotations the task trains and evaluates on (e.g.
+    Mask R-CNN needs boxes, masks and labels); otherwise a clear error before the first step,
+    not a KeyError from a loader worker. The item is read under a forked RNG: augmentations
+    must not shift the run's random stream."""
+    need = getattr(task, "required_targets", ())
+    for split, dataset in splits.items():
+        if dataset is None or not need or len(dataset) == 0:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            _, target = dataset[0]
+        missing = [key for key in need if key not in target]
+        if missing:
+            given = ", ".join(sorted(k for k in target if k not in ("image_id", "orig_size", "file_name")))
+            raise ValueError(
+                f"model={_choice('model', cfg)} trains the {type(task).__name__} task, which needs "
+                f"targets with {', '.join(need)}; dataset={cfg.dataset.get('name', '?')} ({split}) "
+                f"gives only {given or 'no annotations'} (missing {', '.join(missing)}). Choose a "
+                "dataset with those annotations (e.g. synthetic_instance, coco, coco_panoptic) or a "
+                "model for this data (e.g. model=unet)"
+            )
+
+
+def _choice(group: str, cfg: DictConfig) -> str:
+    """The option picked for a config group (e.g. 'maskrcnn'), or its `_target_` when unknown."""
+    try:
+        return str(HydraConfig.get().runtime.choices[group])
+    except (ValueError, KeyError):
+        return str(OmegaConf.select(cfg, f"{group}._target_"))
+
+
 def loader_options(cfg: DictConfig, device: torch.device) -> LoaderOptions:
     """The `data` group's loader keys; `pin_memory: auto` means on when training on CUDA."""
     pin = device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
@@ -120,20 +130,28 @@ def loader_options(cfg: DictConfig, device: torch.device) -> LoaderOptions:
 def train(cfg: DictConfig) -> float | None:
     """Train as configured; returns the objective (the best metric) for Hydra sweepers."""
     join_launched_group()
+    check_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer_cfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
-    resume_from = resolve_resume(cfg.resume, run_dir)
+    # A single run's directory was claimed (locked, checked) by the RunDirGuard callback before
+    # Hydra wrote to it; a sweep job's, or a direct call's, is claimed here.
+    claim = claim_run_dir(run_dir, training=True, resume=cfg.resume)
+    claim.log_notes()
+    resume_from = claim.resume_from
+    with open_dict(cfg):  # this command's own decision: never written into a checkpoint
+        trust = cfg.pop("trust", None)
     resume_state = load_checkpoint(resume_from) if resume_from else None
-    if resume_state is not None:
-        check_config_targets(OmegaConf.to_container(OmegaConf.create(resume_state["config"])),
-                             f"checkpoint {resume_from}")
+    if resume_state is not None:  # nothing is built from it, but it must pass what eval checks
+        check_stored_config(resume_state["config"], trust, f"checkpoint {resume_from}")
     seed_everything(cfg.seed, trainer_cfg.deterministic)
     device = resolve_device(trainer_cfg.device)
 
     train_set, val_set = build_data(cfg)
+    check_class_counts(cfg)  # counts left null are known now
     meta = train_set.meta
-    model = instantiate(cfg.model)
     task = build_task(cfg, meta)
+    check_task_fits_data(task, cfg, {"train": train_set, "val": val_set})
+    model = instantiate(cfg.model)
     optimizer = build_optimizer(cfg.optimizer, model)
     options = loader_options(cfg, device)
     train_loader = build_train_loader(train_set, cfg.data.batch_size, task.collate, cfg.seed, options)

@@ -8,8 +8,11 @@ so the order stays a function of (seed, epoch) and the skips are reported, never
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,16 +25,48 @@ from segtrain.utils.distributed import get_rank, get_world_size
 
 log = logging.getLogger("segtrain.data")
 _SHOWN_SKIPS = 3  # error messages (each naming its file) quoted in an epoch's summary
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM to the main process.
+def init_worker(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, and die with it.
 
     Ctrl-C and cluster schedulers signal the whole process group; a worker killed by the signal
     would make the main process raise mid-step instead of writing its checkpoint and stopping.
+    Ignoring SIGTERM means `terminate()` cannot end a worker: `shutdown_workers` ends them
+    through the loader, and on Linux the kernel kills a worker whose parent dies (even by
+    SIGKILL), so no worker outlives its run.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) where the platform has it; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the loader's own watchdog still ends workers
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def shutdown_workers(loader: DataLoader, iterator: Iterator[Any] | None = None) -> None:
+    """End the worker processes of `iterator` and of `loader`'s persistent iterator, if any.
+
+    A failed step leaves the iterator referenced from the traceback, and multiprocessing's exit
+    handler would then wait forever on workers that ignore SIGTERM: call this on every way out
+    of a loop over a loader that did not run to its end. Safe to call twice.
+    """
+    for live in (iterator, getattr(loader, "_iterator", None)):
+        if live is not None and hasattr(live, "_shutdown_workers"):
+            live._shutdown_workers()
+    if getattr(loader, "_iterator", None) is not None:
+        loader._iterator = None
 
 
 class ResumableSampler(Sampler):
@@ -220,7 +255,7 @@ def build_train_loader(
         pin_memory=options.pin_memory,
         drop_last=True,
         persistent_workers=options.persistent_workers and options.num_workers > 0,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=init_worker,
         # Its own generator: creating an iterator must not draw from the global RNG, or a
         # resumed run's dropout would diverge from the uninterrupted run's.
         generator=torch.Generator().manual_seed(seed),
@@ -240,5 +275,5 @@ def build_eval_loader(
         collate_fn=collate_fn,
         num_workers=options.num_workers,
         pin_memory=options.pin_memory,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=init_worker,
     )

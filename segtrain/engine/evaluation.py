@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segtrain.data.loader import shutdown_workers
 from segtrain.metrics.base import Evaluator
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,9 +55,10 @@ def evaluate_model(
     model.eval()
     evaluator.reset()
     kept: list[tuple[dict, Any]] = []
+    batches = iter(loader)
     try:
         disable = None if progress is None else not progress  # None: hide when not a TTY
-        for batch in tqdm(loader, desc="eval", leave=False, disable=disable):
+        for batch in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=disable):
             batch = task.to_device(batch, device)
             with autocast_context(device, precision):
                 predictions = task.predict(model, batch)
@@ -64,5 +66,8 @@ def evaluate_model(
             if len(kept) < keep_first:
                 kept.append((task.to_device(batch, torch.device("cpu")), to_cpu(predictions)))
         return evaluator.compute(), kept
+    except BaseException:
+        shutdown_workers(loader, batches)  # the traceback keeps `batches`, and its workers, alive
+        raise
     finally:
         model.train(was_training)

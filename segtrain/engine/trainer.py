@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,19 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from segtrain import __version__
+from segtrain.data.loader import shutdown_workers
+from segtrain.engine.batch_norm_stats import check_bn_stats, precise_bn, warn_on_stale_bn_stats
 from segtrain.engine.evaluation import autocast_context, evaluate_model
 from segtrain.engine.monitor import Monitor
 from segtrain.engine.stop_signals import StopSignals
+from segtrain.engine.trainer_config import TrainerConfig, TrainState, lookup_metric, resolve_device
 from segtrain.errors import TrainingInterrupted
-from segtrain.utils.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from segtrain.utils.checkpoint import (
+    capture_rng_state,
+    link_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from segtrain.utils.distributed import (
     all_reduce_sum,
     any_rank,
@@ -34,99 +41,9 @@ from segtrain.utils.distributed import (
     is_distributed,
     is_main_process,
 )
+from segtrain.utils.files import StorageError
 
 log = logging.getLogger("segtrain.train")
-
-
-@dataclass
-class TrainerConfig:
-    """The `trainer` config group (see conf/trainer/default.yaml for each key's meaning)."""
-
-    max_iters: int | None = 600
-    max_epochs: int | None = None
-    eval_every: int = 200
-    ckpt_every: int = 200
-    precision: str = "fp32"
-    device: str = "auto"
-    grad_accum: int = 1
-    clip_grad_norm: float | None = None
-    channels_last: bool = False
-    log_every: int = 20
-    keep_last: int = 2
-    best_metric: str | None = "auto"  # auto: the task's primary_metric
-    best_mode: str = "max"
-    deterministic: bool = False
-    ema: float | None = None
-    compile: bool = False
-    skip_nonfinite: bool = False
-    vis_images: int = 4
-    sync_bn: bool = False
-    find_unused_parameters: bool = False
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"unknown trainer keys {unknown}; valid keys: {sorted(known)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"trainer.precision={self.precision!r}; expected fp32, bf16 or fp16")
-        if self.max_iters is None and self.max_epochs is None:
-            raise ValueError("set trainer.max_iters or trainer.max_epochs")
-        if self.grad_accum < 1:
-            raise ValueError(f"trainer.grad_accum={self.grad_accum}; expected an integer >= 1")
-        if self.best_mode not in ("max", "min"):
-            raise ValueError(f"trainer.best_mode={self.best_mode!r}; expected max or min")
-        if self.ema is not None and not 0.0 < self.ema < 1.0:
-            raise ValueError(f"trainer.ema={self.ema}; expected a decay in (0, 1) or null")
-        for key in ("sync_bn", "find_unused_parameters"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"trainer.{key}={getattr(self, key)!r}; expected true or false")
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in every checkpoint so that resume continues exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_value: float | None = None
-    best_step: int | None = None
-    skipped_steps: int = 0
-    last_metrics: dict = field(default_factory=dict)
-    world_size: int = 1  # ranks that trained: batch_in_epoch counts batches of one rank's share
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without one is an error, not a fallback."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={spec} but no CUDA device is available; use auto or cpu")
-    if device.type == "cuda" and device.index is None and is_distributed():
-        # Under torchrun each rank has set its own GPU (cuda:LOCAL_RANK); DDP needs the index.
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def lookup_metric(metrics: dict, path: str) -> float:
-    """Value at 'family/key' (e.g. 'semantic/mIoU') in a nested metrics dict."""
-    node: Any = metrics
-    for part in path.split("/"):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(
-                f"trainer.best_metric={path!r} is not among the evaluation's metrics "
-                f"(top level: {sorted(metrics)}); use e.g. semantic/mIoU"
-            )
-        node = node[part]
-    return float(node)
 
 
 class Trainer:
@@ -186,6 +103,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.state = TrainState(world_size=get_world_size())
         self.stop_signals = StopSignals()
+        self._saved_step: int | None = None  # iteration of the newest last.pt (None: none yet)
+        self._epoch_iterator: Iterator[Any] | None = None  # the train loader's live iterator
+        self._step_start: tuple[int, int] | None = None  # data position while a step runs
+        self._optimizer_stepping = False
+        self._consecutive_skips = 0
 
     def _wrap_ddp(self, model: nn.Module) -> DistributedDataParallel:
         """DistributedDataParallel over this rank's device (CUDA: one GPU per process)."""
@@ -233,6 +155,7 @@ class Trainer:
                 self.state.batch_in_epoch = 0
             self.state.world_size = get_world_size()
         restore_rng_state(ckpt["rng"])
+        self._saved_step = self.state.step
 
     def save(self, snapshot: bool = True, best: bool = False) -> Path:
         """Write checkpoints/last.pt; hard-link it as best.pt and as an iter_XXXXXXX.pt snapshot.
@@ -240,15 +163,12 @@ class Trainer:
         Links share the bytes of one write; the next atomic replace of last.pt leaves them intact.
         """
         path = save_checkpoint(self.state_dict(), self.ckpt_dir / "last.pt")
+        self._saved_step = self.state.step
         links = [self.ckpt_dir / "best.pt"] if best else []
         if snapshot and self.cfg.keep_last > 0:
             links.append(self.ckpt_dir / f"iter_{self.state.step:07d}.pt")
         for link in links:
-            link.unlink(missing_ok=True)
-            try:
-                link.hardlink_to(path)
-            except OSError:  # filesystems without hard links
-                shutil.copyfile(path, link)
+            link_checkpoint(path, link)
         if snapshot and self.cfg.keep_last > 0:
             for old in sorted(self.ckpt_dir.glob("iter_*.pt"))[: -self.cfg.keep_last]:
                 old.unlink()
@@ -261,7 +181,8 @@ class Trainer:
         batch_size = self.train_loader.batch_size
         while True:
             sampler.set_epoch(self.state.epoch, start=self.state.batch_in_epoch * batch_size)
-            for batch in self.train_loader:
+            self._epoch_iterator = iter(self.train_loader)
+            for batch in self._epoch_iterator:
                 self.state.batch_in_epoch += 1
                 yield batch
             self.state.epoch += 1
@@ -270,6 +191,7 @@ class Trainer:
     def train_step(self, batches: Iterator[Any]) -> dict[str, torch.Tensor] | None:
         """One optimizer step over `grad_accum` micro-batches; None when skipped as non-finite."""
         self.optimizer.zero_grad(set_to_none=True)
+        self._step_start = (self.state.epoch, self.state.batch_in_epoch)
         totals: dict[str, torch.Tensor] = {}
         for micro_batch in range(self.cfg.grad_accum):
             batch = self.task.to_device(next(batches), self.device)
@@ -286,11 +208,20 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value.detach() / self.cfg.grad_accum
         if self.cfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+            # Clipping by a NaN/inf norm would turn every weight into NaN. fp16's scaler skips
+            # such steps itself; elsewhere they are non-finite steps. Gradients are identical on
+            # all ranks here (all-reduced), so every rank decides alike.
+            if not self.scaler.is_enabled() and not torch.isfinite(norm):
+                return self._non_finite({**totals, "grad_norm": norm}, "gradient")
+        # From here until the step ends, a failure leaves the weights half-updated: not saved.
+        self._optimizer_stepping = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+        self._optimizer_stepping = False
+        self._consecutive_skips = 0
         return totals
 
     def _gradient_sync(self, micro_batch: int) -> AbstractContextManager:
@@ -314,34 +245,58 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
 
-    def _non_finite(self, losses: dict[str, torch.Tensor]) -> None:
+    def _non_finite(self, losses: dict[str, torch.Tensor], what: str = "loss") -> None:
+        """Stop on a non-finite loss or gradient norm, or skip the step (`skip_nonfinite`) until
+        `skip_nonfinite_limit` steps in a row were skipped. Nothing is saved: the weights that
+        produced the loss may already be diverging, and the newest last.pt must stay usable."""
         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
         step = self.state.step + 1
-        if not self.cfg.skip_nonfinite:
-            raise FloatingPointError(
-                f"non-finite loss at iteration {step} ({parts}); the last checkpoint is kept. "
-                "Lower optimizer.lr, set trainer.clip_grad_norm, or pass "
-                "trainer.skip_nonfinite=true to skip such steps"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.skipped_steps += 1
-        log.warning("skipping iteration %d: non-finite loss (%s)", step, parts)
-        return None
+        if self.cfg.skip_nonfinite and self._consecutive_skips < self.cfg.skip_nonfinite_limit:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_steps += 1
+            self._consecutive_skips += 1
+            log.warning("skipping iteration %d: non-finite %s (%s); %d skipped so far", step, what,
+                        parts, self.state.skipped_steps)
+            return None
+        if self.cfg.skip_nonfinite:
+            cause = (f"{self._consecutive_skips + 1} iterations in a row had a non-finite loss or gradient "
+                     f"(trainer.skip_nonfinite_limit={self.cfg.skip_nonfinite_limit}; "
+                     f"{self.state.skipped_steps} skipped in all), the last at iteration {step} ({parts})")
+            advice = "Lower optimizer.lr or set trainer.clip_grad_norm"
+        else:
+            cause = f"non-finite {what} at iteration {step} ({parts})"
+            advice = ("Lower optimizer.lr, set trainer.clip_grad_norm, or pass "
+                      "trainer.skip_nonfinite=true to skip such steps")
+        raise FloatingPointError(f"{cause}; {self._checkpoint_status()}. {advice}")
+
+    def _checkpoint_status(self) -> str:
+        """Which checkpoint a stopped run leaves, in words, for error messages."""
+        last = self.ckpt_dir / "last.pt"
+        if self._saved_step is not None and last.is_file():
+            return f"{last} (iteration {self._saved_step}) is kept"
+        due = f" (trainer.ckpt_every={self.cfg.ckpt_every})" if self.cfg.ckpt_every else ""
+        return f"no checkpoint was written yet{due}"
 
     def fit(self) -> dict:
-        """Train to `total_iters`; returns the final evaluation's metrics."""
+        """Train to `total_iters`; returns the final evaluation's metrics.
+
+        Whatever way the loop ends, the loader workers and the TensorBoard writer end with it;
+        a failure that leaves consistent weights (bad data, a failed evaluation) first saves
+        last.pt (see `_save_before_failing`).
+        """
         self.monitor = Monitor(
             self.run_dir, self.total_iters, self.state.step, self.device, is_main_process()
         )
         self.stop_signals.install()
         window: dict[str, torch.Tensor] = {}
         window_steps = 0
+        batches = self._batches()
         try:
-            batches = self._batches()
             self.model.train()
             while self.state.step < self.total_iters:
                 losses = self.train_step(batches)
                 self.state.step += 1
+                self._step_start = None
                 self._step_scheduler()
                 self.monitor.step()
                 if losses is not None:
@@ -353,10 +308,45 @@ class Trainer:
                     self.monitor.log_train(self.state.step, means, self.optimizer.param_groups[-1]["lr"])
                     window, window_steps = {}, 0
                 self._after_step()
+            if self.state.skipped_steps:
+                log.warning("%d of %d iterations were skipped for a non-finite loss "
+                            "(trainer.skip_nonfinite=true)", self.state.skipped_steps, self.total_iters)
             return self.state.last_metrics
+        except Exception as err:
+            self._save_before_failing(err)
+            raise
         finally:
+            batches.close()
+            shutdown_workers(self.train_loader, self._epoch_iterator)
+            self._epoch_iterator = None
             self.stop_signals.restore()
-            self.monitor.close()
+            try:
+                self.monitor.close()
+            except OSError as close_err:  # e.g. a full disk: the error that ended the run matters more
+                log.error("could not flush the TensorBoard log: %s", close_err)
+
+    def _save_before_failing(self, err: Exception) -> None:
+        """Write last.pt before an error ends the run, when the weights are those of a finished
+        step and newer than the last checkpoint: a bad sample, a failed evaluation or a model
+        error then costs no training. Not after a non-finite loss (the weights may be diverging),
+        a refused write (the disk would refuse this one too) nor mid optimizer step. The data
+        position is rewound to the failed step's first batch."""
+        unsafe = isinstance(err, (FloatingPointError, TrainingInterrupted, StorageError))
+        if (unsafe or self._optimizer_stepping or not is_main_process() or self.state.step == 0
+                or self._saved_step == self.state.step):
+            return
+        if self._step_start is not None:
+            self.state.epoch, self.state.batch_in_epoch = self._step_start
+        try:
+            path = self.save(snapshot=False)
+        except Exception as save_err:  # noqa: BLE001 - the original error is the one to report
+            log.error("could not save a checkpoint before stopping: %s", save_err)
+            return
+        log.warning(
+            "stopping on an error at iteration %d; saved %s first. After fixing the cause, resume "
+            "with: segtrain train resume=true hydra.run.dir=%s (plus the same overrides)",
+            self.state.step, path, self.run_dir,
+        )
 
     def _mean_over_ranks(self, window: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
         """Each loss averaged over the logging window and, under DDP, over all ranks (one small
@@ -419,14 +409,28 @@ class Trainer:
         (DDP's forward would broadcast buffers: a collective the uneven shares cannot match);
         every rank gets the output directory, as per-image files (panoptic PNGs) are written
         by the rank that predicted them and whole-set files by rank 0 only.
+
+        With `precise_bn_batches`, BatchNorm statistics (the raw model's and the EMA's) are first
+        recomputed from that many training batches of a loader of their own; the checkpoint
+        written after this evaluation keeps them. `bn_check` scores the first validation batch
+        with BatchNorm's running and with its batch statistics, and warns when they differ much.
         """
+        if self.cfg.precise_bn_batches:
+            precise_bn(
+                [self.model] + ([self.ema.module] if self.ema is not None else []), self.task,
+                self.train_loader, num_batches=self.cfg.precise_bn_batches, step=self.state.step,
+                device=self.device, precision=self.cfg.precision,
+            )
         self._share_rank0_buffers()
         progress = None if is_main_process() else False
         evaluator = self.task.build_evaluator(self.run_dir)
         metrics, kept = evaluate_model(
-            self.eval_model, self.task, self.val_loader, evaluator, self.device,
-            self.cfg.precision, keep_first=1 if self.cfg.vis_images else 0, progress=progress,
+            self.eval_model, self.task, self.val_loader, evaluator, self.device, self.cfg.precision,
+            keep_first=1 if self.cfg.vis_images or self.cfg.bn_check else 0, progress=progress,
         )
+        if self.cfg.bn_check and kept:
+            check = check_bn_stats(self.model, self.task, *kept[0], self.device, self.cfg.precision)
+            warn_on_stale_bn_stats(check, self.state.step, bool(self.cfg.precise_bn_batches))
         if self.ema is not None:
             ema_evaluator = self.task.build_evaluator(self.run_dir / "ema")
             ema_metrics, _ = evaluate_model(
@@ -435,7 +439,7 @@ class Trainer:
             )
             metrics["ema"] = ema_metrics
         images = None
-        if kept and is_main_process():
+        if kept and is_main_process() and self.cfg.vis_images:
             images = self.task.visualize(*kept[0], max_images=self.cfg.vis_images)
         self.monitor.log_metrics(self.state.step, metrics, images)
         return metrics

@@ -29,6 +29,7 @@ class InstanceTask:
     positive box size (boxes, labels, masks only), for the model's losses.
     """
 
+    required_targets = ("boxes", "masks", "labels")  # target keys a dataset item must have
     metric_families = ("segm", "bbox")
     primary_metric = "segm/AP"  # what trainer.best_metric=auto selects best.pt by
 

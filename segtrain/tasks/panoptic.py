@@ -28,6 +28,7 @@ class PanopticTask(InstanceTask):
     (at the original image size); what is left is VOID (0).
     """
 
+    required_targets = ("boxes", "masks", "labels", "semantic", "panoptic", "segments")
     metric_families = ("panoptic",)
     primary_metric = "panoptic/PQ"
 

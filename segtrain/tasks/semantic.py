@@ -19,6 +19,7 @@ class SemanticTask:
     `ignore_index` for void, `image_ids` list[int], `orig_sizes` int64 (N, 2).
     """
 
+    required_targets = ("semantic",)  # target keys a dataset item must have
     metric_families = ("semantic",)
     primary_metric = "semantic/mIoU"  # what trainer.best_metric=auto selects best.pt by
 
@@ -110,6 +111,12 @@ class SemanticTask:
             raise ValueError("SemanticTask needs a loss to train; pass loss=...")
         outputs = model(self.normalize(batch["images"]))
         target = batch["semantic"]
+        if outputs["out"].shape[1] != self.num_classes:
+            raise ValueError(
+                f"the model predicts {outputs['out'].shape[1]} classes but the task has "
+                f"{self.num_classes} (dataset.num_classes); the model's num_classes must follow "
+                "the dataset's"
+            )
         losses = {"loss_seg": self.loss(outputs["out"], target)}
         # A combined loss (e.g. ce_dice) exposes its terms; log each one, unweighted.
         for name, value in (getattr(self.loss, "last_parts", None) or {}).items():
