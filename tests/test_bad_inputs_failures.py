@@ -47,9 +47,11 @@ def processes_mentioning(token: str) -> list[int]:
     return pids
 
 
-def run_to_exit(args: list[str], cwd: Path, token: str, on_line=None) -> tuple[int, str, float]:
+def run_to_exit(args: list[str], cwd: Path, token: str, on_line=None,
+                orphan_grace_s: float = 10.0) -> tuple[int, str, float]:
     """Run `python -m segtrain ARGS`; returns (exit code, output, seconds). Fails the test when
-    the process does not exit in time or leaves a process behind (a loader worker)."""
+    the process does not exit in time or leaves a process behind (a loader worker) for longer
+    than `orphan_grace_s`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("SEGTRAIN_DEBUG", None)
     start = time.monotonic()
@@ -74,14 +76,15 @@ def run_to_exit(args: list[str], cwd: Path, token: str, on_line=None) -> tuple[i
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         pytest.fail(f"segtrain {args[0]} did not exit within {RUN_LIMIT_S} s:\n{''.join(lines)[-2000:]}")
-    reader.join(timeout=10)
     elapsed = time.monotonic() - start
-    deadline = time.monotonic() + 10  # the kernel reaps orphans of a dead parent
+    # Checked before the output is drained: an orphaned worker holds the pipe open.
+    deadline = time.monotonic() + orphan_grace_s
     while processes_mentioning(token) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     left = processes_mentioning(token)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
+    reader.join(timeout=10)
     assert not left, f"processes left behind: {left}\n{''.join(lines)[-2000:]}"
     return code, "".join(lines), elapsed
 
@@ -160,11 +163,14 @@ def test_sigterm_after_an_error_ends_the_process_and_its_workers(tmp_path):
 
     def terminate_on_error(line: str, proc: subprocess.Popen) -> None:
         if line.startswith("error:"):
+            time.sleep(1.0)  # as `timeout` would, some time after the error
             proc.send_signal(signal.SIGTERM)
 
     code, out, elapsed = run_to_exit(
         ["train", *_tiny(run_dir, "optimizer.lr=1e6", "trainer.max_iters=60")], tmp_path,
-        str(run_dir), on_line=terminate_on_error)
+        str(run_dir), on_line=terminate_on_error, orphan_grace_s=0.5)
+    # Ended by its error or by the signal, but at once and with no worker left (an orphaned
+    # worker that ignores SIGTERM would linger until torch's 5 s watchdog, or forever).
     assert code in (1, -signal.SIGTERM, 128 + signal.SIGTERM), out
     assert "non-finite loss" in out
 
