@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections.abc as cabc
 import inspect
 import os
-import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -29,9 +28,9 @@ class ConfigValueError(ValueError):
 TARGET_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "task")
 # Keys segtrain consumes itself before instantiating a node (train.build_optimizer).
 CONSUMED_KEYS = {"optimizer": {"backbone_lr_mult", "norm_weight_decay"}}
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
-# (key, check, what is expected): ranges that types alone do not say. Absent keys are skipped.
+# (key, check, what is expected): ranges that types alone do not say. Absent keys are skipped;
+# the `trainer` group's are TrainerConfig's own (segtrain.engine.trainer_config.RANGES).
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: _is_int(v), "an integer"),
     ("data.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -40,17 +39,6 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.pin_memory", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
     ("data.persistent_workers", lambda v: isinstance(v, bool), "true or false"),
     ("data.skip_corrupt", lambda v: isinstance(v, bool), "true or false"),
-    ("trainer.max_iters", lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
-    ("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
-    ("trainer.eval_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = only at the end)"),
-    ("trainer.ckpt_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = only at the end)"),
-    ("trainer.log_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    ("trainer.keep_last", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    ("trainer.grad_accum", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("trainer.clip_grad_norm", lambda v: v is None or (_is_number(v) and v > 0), "a number > 0 or null"),
-    ("trainer.vis_images", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    ("trainer.skip_nonfinite_limit", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("trainer.device", lambda v: isinstance(v, str) and bool(_DEVICE.match(v)), "auto, cpu, cuda or cuda:N"),
     ("optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0"),
     ("optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     ("optimizer.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -75,11 +63,10 @@ def check_config(cfg: DictConfig) -> None:
         resume = _select(cfg, "resume")
         if not isinstance(resume, (bool, str)):
             raise ConfigValueError(f"resume={_show(resume)}: expected false, true, auto or a path to a .pt")
-    if "trainer" in cfg:
+    if "trainer" in cfg:  # the loop's own checks: types from its fields, and its ranges
         from segtrain.engine.trainer_config import TrainerConfig
 
-        values = OmegaConf.to_container(cfg.trainer, resolve=True)
-        check_types(values, typing.get_type_hints(TrainerConfig), "trainer")
+        TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     for group in TARGET_GROUPS:
         if group in cfg and isinstance(cfg[group], DictConfig):
             _check_target_nodes(cfg[group], group, CONSUMED_KEYS.get(group, set()))

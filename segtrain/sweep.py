@@ -54,21 +54,15 @@ def primary_metric(cfg: DictConfig) -> str | None:
 
 
 def read_trainer_state(run_dir: Path) -> dict[str, Any]:
-    """best_value, best_step and step from checkpoints/last.pt ({} when there is none).
-
-    Memory-mapped: the weights are not read, so this stays cheap for large models.
-    """
+    """best_value, best_step and step from checkpoints/last.pt ({} when there is none)."""
     last = run_dir / "checkpoints" / "last.pt"
     if not last.is_file():
         return {}
-    import torch
+    from segtrain.utils.checkpoint import read_trainer_state as read_state  # imports torch
 
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["trainer"]
-    except Exception:  # a truncated or foreign file: the summary reports what else it knows
-        return {}
+    state = read_state(last)
     return {"best": state.get("best_value"), "best_step": state.get("best_step"),
-            "step": state.get("step")}
+            "step": state.get("step")} if state else {}
 
 
 def collect_run(run_dir: Path) -> dict[str, Any]:

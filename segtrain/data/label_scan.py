@@ -10,13 +10,11 @@ is never written into the dataset's folder; a cache that cannot be read or writt
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from segtrain.data.image_io import CorruptImageError
+from segtrain.utils.files import write_atomically
 
 log = logging.getLogger(__name__)
 _CACHE_VERSION = 1
@@ -144,23 +143,15 @@ def _load(path: Path | None) -> dict[str, list]:
 
 
 def _save(path: Path | None, folder: Path, decode_key: str, entries: dict[str, list]) -> None:
-    """Write atomically (temporary file, rename): concurrent runs never see half a file."""
+    """Write atomically: concurrent runs never see half a file; a refused write is only logged."""
     if path is None:
         return
     data = {"version": _CACHE_VERSION, "folder": str(folder.resolve()), "decode": decode_key,
             "files": entries}
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            json.dump(data, tmp, separators=(",", ":"))
-        os.replace(tmp_name, path)
+        write_atomically(path, lambda f: json.dump(data, f, separators=(",", ":")), binary=False)
     except OSError as err:
         log.debug("label scan cache %s not written (%s)", path, err)
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
 
 
 # ------------------------------------------------------------------------------------ diagnosis

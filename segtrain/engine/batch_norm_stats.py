@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from segtrain.data.loader import ResumableSampler, shutdown_workers
 from segtrain.engine.evaluation import autocast_context
+from segtrain.engine.trainer_config import lookup_metric
 from segtrain.utils.distributed import all_reduce_sum, get_world_size, is_distributed
 
 log = logging.getLogger("segtrain.train")
@@ -248,8 +249,7 @@ def check_bn_stats(
         evaluator = task.build_evaluator(None)
         evaluator.reset()
         evaluator.process(batch, scored)
-        family, key = metric.split("/")
-        values.append(float(evaluator.compute()[family][key]))
+        values.append(lookup_metric(evaluator.compute(), metric))
     if any(math.isnan(value) for value in values):
         return None
     return BNCheck(metric, values[0], values[1], (again == predictions).double().mean().item())

@@ -210,8 +210,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
             # Clipping by a NaN/inf norm would turn every weight into NaN. fp16's scaler skips
-            # such steps itself; elsewhere they are non-finite steps. Gradients are identical on
-            # all ranks here (all-reduced), so every rank decides alike.
+            # such steps itself; elsewhere they are non-finite steps (a CPU-GPU sync point, paid
+            # only with clipping). Gradients are all-reduced by now: every rank decides alike.
             if not self.scaler.is_enabled() and not torch.isfinite(norm):
                 return self._non_finite({**totals, "grad_norm": norm}, "gradient")
         # From here until the step ends, a failure leaves the weights half-updated: not saved.

@@ -3,11 +3,15 @@ two lookups the loop and the commands share: the device and a metric by path."""
 
 from __future__ import annotations
 
+import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from segtrain.config_check import ConfigValueError, check_types
 from segtrain.utils.distributed import is_distributed
 
 
@@ -19,7 +23,7 @@ class TrainerConfig:
     max_epochs: int | None = None
     eval_every: int = 200
     ckpt_every: int = 200
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
     grad_accum: int = 1
     clip_grad_norm: float | None = None
@@ -27,7 +31,7 @@ class TrainerConfig:
     log_every: int = 20
     keep_last: int = 2
     best_metric: str | None = "auto"  # auto: the task's primary_metric
-    best_mode: str = "max"
+    best_mode: Literal["max", "min"] = "max"
     deterministic: bool = False
     ema: float | None = None
     compile: bool = False
@@ -50,24 +54,34 @@ class TrainerConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"trainer.precision={self.precision!r}; expected fp32, bf16 or fp16")
+        """ConfigValueError naming the key for a value of the wrong type (the field annotations)
+        or outside its range (`RANGES`)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        check_types(values, typing.get_type_hints(TrainerConfig), "trainer")
+        for key, ok, expected in RANGES:
+            if values[key] is not None and not ok(values[key]):
+                raise ConfigValueError(f"trainer.{key}={values[key]!r}: expected {expected}")
         if self.max_iters is None and self.max_epochs is None:
-            raise ValueError("set trainer.max_iters or trainer.max_epochs")
-        if self.grad_accum < 1:
-            raise ValueError(f"trainer.grad_accum={self.grad_accum}; expected an integer >= 1")
-        if self.best_mode not in ("max", "min"):
-            raise ValueError(f"trainer.best_mode={self.best_mode!r}; expected max or min")
-        if self.ema is not None and not 0.0 < self.ema < 1.0:
-            raise ValueError(f"trainer.ema={self.ema}; expected a decay in (0, 1) or null")
-        if isinstance(self.precise_bn_batches, bool) or not (
-            isinstance(self.precise_bn_batches, int) and self.precise_bn_batches >= 0
-        ):
-            raise ValueError(f"trainer.precise_bn_batches={self.precise_bn_batches!r}; expected "
-                             "an integer >= 0 (0 = off; detectron2 uses 200)")
-        for key in ("sync_bn", "find_unused_parameters", "bn_check"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"trainer.{key}={getattr(self, key)!r}; expected true or false")
+            raise ConfigValueError("set trainer.max_iters or trainer.max_epochs")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# (key, check, what is expected): what the types alone do not say; null passes where typed so.
+RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("max_iters", lambda v: v >= 1, "an integer >= 1 or null"),
+    ("max_epochs", lambda v: v >= 1, "an integer >= 1 or null"),
+    ("eval_every", lambda v: v >= 0, "an integer >= 0 (0 = only at the end)"),
+    ("ckpt_every", lambda v: v >= 0, "an integer >= 0 (0 = only at the end)"),
+    ("log_every", lambda v: v >= 0, "an integer >= 0"),
+    ("keep_last", lambda v: v >= 0, "an integer >= 0"),
+    ("grad_accum", lambda v: v >= 1, "an integer >= 1"),
+    ("clip_grad_norm", lambda v: v > 0, "a number > 0 or null"),
+    ("vis_images", lambda v: v >= 0, "an integer >= 0"),
+    ("skip_nonfinite_limit", lambda v: v >= 1, "an integer >= 1"),
+    ("device", lambda v: bool(_DEVICE.match(v)), "auto, cpu, cuda or cuda:N"),
+    ("ema", lambda v: 0.0 < v < 1.0, "a decay in (0, 1) or null"),
+    ("precise_bn_batches", lambda v: v >= 0, "an integer >= 0 (0 = off; detectron2 uses 200)"),
+]
 
 
 @dataclass

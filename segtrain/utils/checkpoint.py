@@ -34,7 +34,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         return write_atomically(path, lambda f: torch.save(state, f), binary=True)
     except StorageError as err:
         reason = os.strerror(err.errno) if err.errno else str(err)
-        step = _checkpoint_step(path)
+        step = read_trainer_state(path).get("step")
         kept = (f"the previous {path.name} is intact (step {step}); " if step is not None else
                 f"no complete {path.name} was there before; ")
         remedy = _REMEDIES.get(err.errno, "fix the cause")
@@ -43,13 +43,15 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
                                       f"{remedy}, then {then}") from err
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    """The trainer step stored in the checkpoint at `path`; None when there is no readable one.
-    Memory-mapped: the weights are not read."""
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state (step, best_value, ...) stored in the checkpoint at `path`; {} when
+    there is no readable one. Memory-mapped: the weights are not read, so this stays cheap for
+    large models."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["trainer"]["step"])
-    except Exception:  # noqa: BLE001 - absent, truncated or foreign: no step to report
-        return None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["trainer"]
+    except Exception:  # noqa: BLE001 - absent, truncated or foreign: nothing to report
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def link_checkpoint(source: Path, link: Path) -> None:
