@@ -48,8 +48,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from segtrain.data.cityscapes import ID_TO_TRAIN_ID, CityscapesSegmentation
-from segtrain.data.transforms import semantic_train_transforms
+from segtrain.data.datasets.cityscapes import ID_TO_TRAIN_ID, CityscapesSegmentation
+from segtrain.data.transforms.presets import semantic_train_transforms
 
 SIZE = (1024, 2048)  # H, W of a Cityscapes frame
 CROP = (512, 1024)

@@ -37,7 +37,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 from torchvision.datasets import CocoDetection
 
-from segtrain.data.coco import COCOInstanceDataset
+from segtrain.data.datasets.coco import COCOInstanceDataset
 
 
 def write_dataset(root: Path, images: int, objects: int, size: tuple[int, int], fmt: str = "png") -> Path:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from segtrain.data.synthetic import SyntheticDataset
+from segtrain.data.datasets.synthetic import SyntheticDataset
 from segtrain.engine.monitor import Monitor
 from segtrain.engine.trainer import Trainer, TrainerConfig
 from segtrain.losses import CrossEntropyLoss

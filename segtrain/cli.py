@@ -19,6 +19,8 @@ log = logging.getLogger("segtrain")
 COMMANDS = {
     "train": "train a model (default: small U-Net on the built-in synthetic dataset)",
     "eval": "evaluate a checkpoint: segtrain eval ckpt=PATH [overrides]",
+    "predict": "a checkpoint on new images: predict ckpt=PATH input=DIR|GLOB|FILE|LIST.txt output=DIR\n"
+               "[overlay=true] [score_thresh=0.5] [batch_size=8] [device=auto] [overwrite=false]",
     "score": "score prediction files without a model: task=semantic gt=DIR pred=DIR num_classes=N;\n"
              "task=instance|lvis gt=GT.json pred=RESULTS.json;\n"
              "task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
@@ -131,6 +133,13 @@ def eval_app(cfg: DictConfig) -> None:
     _run_guarded(evaluate, cfg)
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+def predict_app(cfg: DictConfig) -> None:
+    from segtrain.predict import predict
+
+    _run_guarded(predict, cfg)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="score")
 def score_app(cfg: DictConfig) -> None:
     from segtrain.score import score
@@ -145,7 +154,7 @@ def data_app(cfg: DictConfig) -> None:
     _run_guarded(data, cfg)
 
 
-APPS = {"train": train_app, "eval": eval_app, "score": score_app, "data": data_app}
+APPS = {"train": train_app, "eval": eval_app, "predict": predict_app, "score": score_app, "data": data_app}
 
 
 def _data_action(rest: list[str]) -> list[str] | None:
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         rest = with_action
-    if command == "eval":
+    if command in ("eval", "predict"):  # both edit the checkpoint's stored config
         from segtrain.eval_config import eval_overrides
 
         rest = eval_overrides(rest)
@@ -282,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         launched_distributed,
     )
 
-    # Under torchrun, train and eval join the process group before Hydra picks the run directory.
-    distributed = (command in ("train", "eval") and launched_distributed()
+    # Under torchrun, train, eval and predict join the process group before Hydra picks the run
+    # directory.
+    distributed = (command in ("train", "eval", "predict") and launched_distributed()
                    and not any(arg in HYDRA_INFO_OPTIONS for arg in rest))
     try:
         if distributed:

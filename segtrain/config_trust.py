@@ -26,6 +26,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from segtrain.config_upgrade import upgrade_targets
+
 # Resolvers a stored config may call. Each is pure selection over the config itself; the test
 # suite checks that every resolver in the shipped job configs is here. Deliberately absent:
 # oc.create / oc.decode (build nodes from strings: `_target_`s that appear only after
@@ -228,6 +230,7 @@ def read_stored_config(text: Any, source: str) -> DictConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: its config is a {type(raw).__name__}; expected a mapping")
     check_resolvers(raw, source)
+    raw = upgrade_targets(raw)  # names of modules that moved since the checkpoint was written
     try:  # from the data just checked, not the text again: one parse, nothing unseen
         return OmegaConf.create(raw)
     except (yaml.YAMLError, OmegaConfBaseException) as err:

@@ -48,7 +48,7 @@ def build_splits(cfg: DictConfig) -> dict[str, Any]:
             options["strict"] = False
         return instantiate(node, **options)
 
-    from segtrain.train import fill_class_counts
+    from segtrain.builders import fill_class_counts
 
     splits = {"train": build(cfg.dataset.train)}
     fill_class_counts(cfg, splits["train"].meta)

@@ -21,6 +21,8 @@ REQUIRED_VALUE_HINTS = {
     "gt": "the ground truth: a label PNG folder (task=semantic) or a JSON file (instance, lvis, panoptic)",
     "pred": "the predictions: a PNG folder (task=semantic) or a results JSON (instance, lvis, panoptic)",
     "action": "check or show, e.g. segtrain data check dataset=synthetic",
+    "input": "the images: a folder, a quoted glob ('photos/*.jpg'), an image file or a .txt list of paths",
+    "output": "the folder to write the predictions into, e.g. output=predictions",
 }
 _WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.\nOriginal Traceback")
 _FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)', re.MULTILINE)

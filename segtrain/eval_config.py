@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.config_trust import read_stored_config, resolve_checked, trusted_names
 
 # Keys of eval.yaml itself (and train's `trust`); every other override edits the checkpoint's config.
-EVAL_KEYS = frozenset({"ckpt", "output", "use_ema", "trust"})
+EVAL_KEYS = frozenset({"ckpt", "output", "use_ema", "save_predictions", "trust"})
 
 # `a.b...=value`: a value deeper than a group choice, outside `hydra.`, without a +/++/~ prefix.
 _NESTED_VALUE = re.compile(r"(?!hydra\.)[A-Za-z_][\w-]*(\.[\w-]+)+=")
@@ -34,20 +34,22 @@ def eval_overrides(args: Sequence[str]) -> list[str]:
     return [f"++{arg}" if _NESTED_VALUE.match(arg) else arg for arg in args]
 
 
-def merge_stored_config(stored: DictConfig, composed: DictConfig, overrides: Sequence[str]) -> DictConfig:
+def merge_stored_config(stored: DictConfig, composed: DictConfig, overrides: Sequence[str],
+                        own_keys: frozenset[str] = EVAL_KEYS) -> DictConfig:
     """The checkpoint's config with the values the command line set, copied unresolved from the
     composed config (so `${dataset.num_classes}`-style links keep working).
 
     overrides: the command line as Hydra received it (`HydraConfig.get().overrides.task`). A group
     choice (`dataset=voc`) replaces the whole node; `key.path=value` (or `++`) must name a key the
     checkpoint's config has at that point (a group chosen earlier on the line counts);
-    `+key.path=value` adds one. Eval's own keys and `hydra.` are not copied.
+    `+key.path=value` adds one. The command's own keys (`own_keys`: eval's by default) and
+    `hydra.` are not copied.
     """
     merged = stored.copy()
     raw = OmegaConf.to_container(composed, resolve=False)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if override.is_delete() or key.split(".")[0] in EVAL_KEYS or key.startswith("hydra"):
+        if override.is_delete() or key.split(".")[0] in own_keys or key.startswith("hydra"):
             continue
         if "." in key and not override.is_add():
             _require_stored_key(merged, key, override.input_line.removeprefix("++"))
@@ -77,14 +79,16 @@ def _require_stored_key(cfg: DictConfig, dotted: str, given: str) -> None:
 
 
 def build_eval_config(stored_text: Any, composed: DictConfig, overrides: Sequence[str],
-                      source: str) -> DictConfig:
+                      source: str, own_keys: frozenset[str] = EVAL_KEYS) -> DictConfig:
     """What `segtrain eval` builds from: the checkpoint's config (its "config" entry, YAML),
     resolvers checked, the command line's values merged in, resolved, every `_target_` checked
     against segtrain's shipped configs and the command line's `trust=` (composed.trust).
+    own_keys: the command's own top-level keys, which are not the stored config's (eval's by
+    default; `segtrain predict` passes its own).
 
     Raises ValueError naming the key and value of anything refused, before any of it runs.
     """
     trust = composed.get("trust")
     trusted_names(trust)  # a malformed trust= is reported before the stored config is read
     stored = read_stored_config(stored_text, source)
-    return resolve_checked(merge_stored_config(stored, composed, overrides), trust, source)
+    return resolve_checked(merge_stored_config(stored, composed, overrides, own_keys), trust, source)

@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain.metrics.report import HEADLINE_KEYS
+from segtrain.metrics.report import HEADLINE_KEYS, flatten_metrics, json_safe
 from segtrain.utils.files import write_atomically
 
 RUN_RECORD = "run_summary.json"  # in each run directory of a sweep
@@ -26,22 +26,6 @@ FIXED_COLUMNS = ("job", "status", "wall_s", "metric", "best", "best_step", "obje
 
 
 # ------------------------------------------------------------------------------------ one run
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """The numbers of a metrics.json as {"semantic/mIoU": 61.2, "ema/semantic/mIoU": ...};
-    `per_class` tables are left out. NaN stays NaN (written as null in JSON)."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if key == "per_class":
-            continue
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = float(value)
-        elif value is None:
-            flat[f"{prefix}{key}"] = math.nan
-    return flat
-
-
 def primary_metric(cfg: DictConfig) -> str | None:
     """The metric that selects best.pt: trainer.best_metric, `auto` meaning the task's own."""
     from hydra.utils import get_object
@@ -130,7 +114,7 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[Path, Pa
                          for v in cells])
     csv_path = write_atomically(sweep_dir / SUMMARY_CSV, lambda f: f.write(text.getvalue()),
                                 binary=False)
-    payload = json.dumps(_json_safe({"sweep_dir": str(sweep_dir), "runs": rows}), indent=2)
+    payload = json.dumps(json_safe({"sweep_dir": str(sweep_dir), "runs": rows}), indent=2)
     json_path = write_atomically(sweep_dir / SUMMARY_JSON, lambda f: f.write(payload + "\n"),
                                  binary=False)
     return csv_path, json_path
@@ -307,17 +291,6 @@ class SweepSummary(Callback):
         self._print(self._sweep_dir)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN as null (strict JSON); anything else JSON does not know as its str()."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    return value if value is None or isinstance(value, (str, int, bool)) else str(value)
-
-
 def _write_record(run_dir: Path, record: Mapping[str, Any]) -> None:
-    text = json.dumps(_json_safe(record), indent=2)
+    text = json.dumps(json_safe(record), indent=2)
     write_atomically(run_dir / RUN_RECORD, lambda f: f.write(text + "\n"), binary=False)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segtrain.builders import (
+    build_data,
+    build_task,
+    check_loss_applies,
+    check_task_fits_data,
+    loader_options,
+)
 from segtrain.config_check import check_class_counts, check_config
 from segtrain.config_trust import check_stored_config
-from segtrain.data.loader import LoaderOptions, build_eval_loader, build_train_loader
+from segtrain.data.loader import build_eval_loader, build_train_loader
 from segtrain.engine.run_dir import claim_run_dir
 from segtrain.engine.run_dir import resolve_resume as resolve_resume  # re-exported: its old home
 from segtrain.engine.trainer import Trainer, TrainerConfig, lookup_metric, resolve_device
@@ -53,80 +58,6 @@ def build_optimizer(opt_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.
     return instantiate(opt_cfg)(groups)
 
 
-def build_data(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate the train and val datasets of `cfg.dataset`.
-
-    A dataset config may leave `num_classes` (and a panoptic one `num_things` / `num_stuff`)
-    null when the data defines it (a COCO JSON's categories): it is filled in from the train
-    set's metadata, so the model and the checkpoint get it.
-    """
-    train_set = instantiate(cfg.dataset.train)
-    fill_class_counts(cfg, train_set.meta)
-    val_set = instantiate(cfg.dataset.val) if cfg.dataset.get("val") is not None else None
-    return train_set, val_set
-
-
-def fill_class_counts(cfg: DictConfig, meta: Any) -> None:
-    """Set `dataset.num_classes` / `num_things` / `num_stuff` left null from the train metadata."""
-    counts = {"num_classes": len(meta.classes), "num_things": len(meta.thing_ids),
-              "num_stuff": len(meta.stuff_ids)}
-    with open_dict(cfg):
-        for key, value in counts.items():
-            if key in cfg.dataset and cfg.dataset[key] is None:
-                cfg.dataset[key] = value
-
-
-def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
-    """The task object, given the dataset metadata (class names and palette).
-
-    A task whose constructor takes `meta` (instance segmentation: names and dataset category ids
-    for the evaluator) gets the whole object and no `loss`: its model computes its own losses.
-    """
-    if "meta" in inspect.signature(get_object(cfg.task._target_)).parameters:
-        # Through _partial_: instantiate's keyword arguments would be merged into OmegaConf,
-        # which cannot hold the DatasetMeta dataclass.
-        return instantiate(cfg.task, _partial_=True)(meta=meta)
-    loss = instantiate(cfg.loss) if with_loss else None
-    return instantiate(cfg.task, loss=loss, class_names=meta.classes, palette=meta.palette)
-
-
-def check_task_fits_data(task: Any, cfg: DictConfig, splits: dict[str, Any]) -> None:
-    """The first item of each split has the annotations the task trains and evaluates on (e.g.
-    Mask R-CNN needs boxes, masks and labels); otherwise a clear error before the first step,
-    not a KeyError from a loader worker. The item is read under a forked RNG: augmentations
-    must not shift the run's random stream."""
-    need = getattr(task, "required_targets", ())
-    for split, dataset in splits.items():
-        if dataset is None or not need or len(dataset) == 0:
-            continue
-        with torch.random.fork_rng(devices=[]):
-            _, target = dataset[0]
-        missing = [key for key in need if key not in target]
-        if missing:
-            given = ", ".join(sorted(k for k in target if k not in ("image_id", "orig_size", "file_name")))
-            raise ValueError(
-                f"model={_choice('model', cfg)} trains the {type(task).__name__} task, which needs "
-                f"targets with {', '.join(need)}; dataset={cfg.dataset.get('name', '?')} ({split}) "
-                f"gives only {given or 'no annotations'} (missing {', '.join(missing)}). Choose a "
-                "dataset with those annotations (e.g. synthetic_instance, coco, coco_panoptic) or a "
-                "model for this data (e.g. model=unet)"
-            )
-
-
-def _choice(group: str, cfg: DictConfig) -> str:
-    """The option picked for a config group (e.g. 'maskrcnn'), or its `_target_` when unknown."""
-    try:
-        return str(HydraConfig.get().runtime.choices[group])
-    except (ValueError, KeyError):
-        return str(OmegaConf.select(cfg, f"{group}._target_"))
-
-
-def loader_options(cfg: DictConfig, device: torch.device) -> LoaderOptions:
-    """The `data` group's loader keys; `pin_memory: auto` means on when training on CUDA."""
-    pin = device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
-    return LoaderOptions(cfg.data.num_workers, pin, cfg.data.persistent_workers, cfg.data.skip_corrupt)
-
-
 def train(cfg: DictConfig) -> float | None:
     """Train as configured; returns the objective (the best metric) for Hydra sweepers."""
     join_launched_group()
@@ -149,6 +80,7 @@ def train(cfg: DictConfig) -> float | None:
     train_set, val_set = build_data(cfg)
     check_class_counts(cfg)  # counts left null are known now
     meta = train_set.meta
+    check_loss_applies(cfg)
     task = build_task(cfg, meta)
     check_task_fits_data(task, cfg, {"train": train_set, "val": val_set})
     model = instantiate(cfg.model)

@@ -18,7 +18,7 @@ import yaml
 from conftest import TINY, run_cli
 from PIL import Image
 
-from segtrain.data.folder import FolderDataset
+from segtrain.data.datasets.folder import FolderDataset
 
 SIZE = 48  # mask side: 4 masks give 9216 pixels per split, so 2 pixels are a rare value (< 0.1%)
 # TINY without its synthetic-dataset keys; loader workers on (failures must end them too).
@@ -147,7 +147,7 @@ def test_rare_value_is_a_loud_warning_in_data_check_and_train(tmp_path, caplog):
     assert result.returncode == 0, result.stderr
     assert "WARNING: " in result.stdout and "value 7 (2 pixels in 1 mask: train_1.png)" in result.stdout
     assert "no problems found (1 warning above)" in result.stdout
-    with caplog.at_level(logging.WARNING, logger="segtrain.data.folder"):
+    with caplog.at_level(logging.WARNING, logger="segtrain.data.datasets.folder"):
         FolderDataset(root, "train", num_classes=8)
     assert "rare label values" in caplog.text and "train_1.png" in caplog.text
 
@@ -189,7 +189,7 @@ def test_classes_yaml_void_value_is_printed_as_the_raw_value_and_255_is_not_void
 
 
 def test_label_scan_is_cached_outside_the_dataset_and_reused(tmp_path, cache, monkeypatch):
-    import segtrain.data.folder as folder
+    import segtrain.data.datasets.folder as folder
 
     root = write_tree(tmp_path / "data", lambda split, i: three_classes(i))
     before = sorted(p for p in root.rglob("*"))
@@ -222,7 +222,7 @@ def test_label_scan_is_cached_outside_the_dataset_and_reused(tmp_path, cache, mo
     monkeypatch.setenv("SEGTRAIN_CACHE_DIR", str(unwritable))  # cannot hold a cache: skipped
     assert FolderDataset(root, "val").meta.classes == ["0", "1", "2"] and len(reads) == 4
 
-    from segtrain.data.label_scan import cache_dir
+    from segtrain.data.datasets.label_scan import cache_dir
 
     monkeypatch.delenv("SEGTRAIN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -18,7 +18,7 @@ import torch
 from conftest import TINY, run_cli
 from PIL import Image
 
-from segtrain.data.image_io import write_label
+from segtrain.data.codecs.image_io import write_label
 from segtrain.errors import user_message, worker_error_summary
 from segtrain.utils.checkpoint import load_checkpoint
 

@@ -96,8 +96,9 @@ class _Accuracy:
     def reset(self) -> None:
         self.correct = self.total = 0
 
-    def process(self, batch, predictions) -> None:
-        self.correct += int((predictions == batch["y"]).sum())
+    def process(self, targets, predictions) -> None:
+        predictions = torch.stack([p["sem_seg"] for p in predictions])
+        self.correct += int((predictions == targets).sum())
         self.total += len(predictions)
 
     def compute(self) -> dict:
@@ -110,13 +111,14 @@ class ThresholdTask(ToyTask):
     primary_metric = "toy/acc"
 
     def collate(self, samples):
-        return {"x": torch.stack([s[0] for s in samples]), "y": torch.tensor([s[1] for s in samples])}
+        y = torch.tensor([s[1] for s in samples])
+        return {"x": torch.stack([s[0] for s in samples]), "y": y, "targets": y}
 
     def training_step(self, model, batch):
         return {"loss": nn.functional.cross_entropy(model(batch["x"]), batch["y"])}
 
     def predict(self, model, batch):
-        return model(batch["x"]).argmax(1)
+        return [{"sem_seg": label} for label in model(batch["x"]).argmax(1)]
 
     def build_evaluator(self, output_dir=None):
         return _Accuracy()

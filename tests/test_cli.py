@@ -48,7 +48,7 @@ def test_each_command_has_hydra_help_with_its_groups(tmp_path, command):
 def test_unknown_command_lists_valid_ones(tmp_path):
     result = run_cli("trian", cwd=tmp_path)
     assert result.returncode == 2
-    assert "unknown command 'trian'" in result.stderr and "train, eval, score" in result.stderr
+    assert "unknown command 'trian'" in result.stderr and "train, eval, predict, score" in result.stderr
 
 
 def test_unknown_group_option_lists_choices(tmp_path):
@@ -185,7 +185,7 @@ def _write_label_dirs(root, count=4):
     """GT label PNGs from the synthetic set, and predictions with circles called rectangles."""
     from PIL import Image
 
-    from segtrain.data.synthetic import SyntheticDataset
+    from segtrain.data.datasets.synthetic import SyntheticDataset
 
     data = SyntheticDataset(split="val", num_samples=count, image_size=48, num_classes=4)
     (root / "gt").mkdir()
@@ -340,8 +340,10 @@ def test_panoptic_train_then_eval_reproduces_pq_and_writes_coco_panoptic(tmp_pat
     trained = run_cli("train", *PANOPTIC_TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {"panoptic"}
+    assert set(metrics) == {"panoptic", "segm", "bbox", "semantic"}  # PQ, AP and mIoU in one pass
     assert {"PQ", "PQ_th", "PQ_st", "per_class"} <= metrics["panoptic"].keys()
+    assert "mIoU" in metrics["semantic"] and "AP" in metrics["segm"]
+    assert (run_dir / "coco_instances_results.json").is_file()
     predictions = json.loads((run_dir / "panoptic_predictions.json").read_text())
     assert len(predictions["annotations"]) == 4
     for ann in predictions["annotations"]:

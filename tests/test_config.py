@@ -7,6 +7,7 @@ from conftest import ROOT
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from segtrain.builders import build_task
 from segtrain.engine.trainer import TrainerConfig
 
 GROUP_OPTIONS = sorted(
@@ -54,11 +55,12 @@ def test_default_train_config_builds_dataset_model_and_task(compose_cfg):
     cfg = compose_cfg("train", ["dataset.train.num_samples=4"])
     dataset = instantiate(cfg.dataset.train)
     model = instantiate(cfg.model)
-    task = instantiate(cfg.task, loss=instantiate(cfg.loss))
+    task = build_task(cfg, dataset.meta)
     batch = task.collate([dataset[0], dataset[1]])
     losses = task.training_step(model, batch)
     assert losses["loss"].ndim == 0 and losses["loss"].item() > 0
-    assert task.predict(model, batch).shape == batch["semantic"].shape
+    predictions = task.predict(model, batch)
+    assert [p["sem_seg"].shape for p in predictions] == [t["semantic"].shape for t in batch["targets"]]
 
 
 def test_eval_config_inherits_the_train_groups(compose_cfg):

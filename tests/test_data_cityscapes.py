@@ -10,8 +10,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from segtrain.data.cityscapes import CityscapesSegmentation, label_ids_to_train_ids
-from segtrain.data.transforms import RandomCrop, RandomResize, semantic_train_transforms
+from segtrain.data.datasets.cityscapes import CityscapesSegmentation, label_ids_to_train_ids
+from segtrain.data.transforms.presets import RandomCrop, RandomResize, semantic_train_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -15,13 +15,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
-from segtrain.data.coco import COCOInstanceDataset, LVISInstanceDataset
-from segtrain.data.coco_export import write_coco_instances
-from segtrain.data.coco_masks import decode_masks
-from segtrain.data.image_io import CorruptImageError
+from segtrain.data.codecs.coco_masks import decode_masks
+from segtrain.data.codecs.image_io import CorruptImageError
+from segtrain.data.datasets.coco import COCOInstanceDataset, LVISInstanceDataset
+from segtrain.data.datasets.synthetic import SyntheticDataset
+from segtrain.data.export.coco import write_coco_instances
 from segtrain.data.meta import DatasetMeta, default_palette
-from segtrain.data.synthetic import SyntheticDataset
-from segtrain.data.transforms import instance_train_transforms
+from segtrain.data.transforms.presets import instance_train_transforms
 
 H, W = 8, 10
 
@@ -271,7 +271,7 @@ def test_degenerate_polygons_and_zero_area_boxes_are_skipped_with_one_warning(tm
         _ann(6, 2, 1, [[0, 0, 0, 0, 0, 0]], [0, 0, 1, 1]),  # image 2 has nothing usable
     ]
     _write_coco(tmp_path, [{"id": 1}, {"id": 2}], anns, CATS)
-    with caplog.at_level(logging.WARNING, logger="segtrain.data.coco"):
+    with caplog.at_level(logging.WARNING, logger="segtrain.data.datasets.coco"):
         dataset = COCOInstanceDataset(tmp_path, split="val", train=True)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1

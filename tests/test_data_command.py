@@ -10,8 +10,8 @@ from conftest import run_cli
 from PIL import Image
 from test_data_folder import write_pair, write_tree
 
+from segtrain.data.datasets.synthetic import SyntheticDataset
 from segtrain.data.meta import DatasetMeta
-from segtrain.data.synthetic import SyntheticDataset
 from segtrain.data_check import check_split, format_stats, render_sample
 
 SMALL = ["dataset.train.image_size=32", "dataset.val.image_size=32"]

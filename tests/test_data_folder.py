@@ -11,9 +11,9 @@ import yaml
 from conftest import run_cli
 from PIL import Image
 
-from segtrain.data.folder import FolderDataset
-from segtrain.data.image_io import write_label
-from segtrain.train import build_data
+from segtrain.builders import build_data
+from segtrain.data.codecs.image_io import write_label
+from segtrain.data.datasets.folder import FolderDataset
 
 
 @pytest.fixture(autouse=True)

@@ -15,16 +15,16 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
-from segtrain.data.panoptic import (
+from segtrain.data.datasets.panoptic import (
     CityscapesPanopticDataset,
     COCOPanopticDataset,
     id_to_rgb,
     panoptic_targets,
     rgb_to_id,
 )
-from segtrain.data.panoptic_export import write_coco_panoptic
-from segtrain.data.synthetic import SHAPES, STUFF, SyntheticDataset
-from segtrain.data.transforms import instance_train_transforms
+from segtrain.data.datasets.synthetic import SHAPES, STUFF, SyntheticDataset
+from segtrain.data.export.panoptic import write_coco_panoptic
+from segtrain.data.transforms.presets import instance_train_transforms
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 COCO_SAMPLE = FIXTURES / "coco_panoptic_sample" / "sample_data"

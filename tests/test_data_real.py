@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision import tv_tensors
 
-from segtrain.data.ade20k import ADE20K
-from segtrain.data.cityscapes import CityscapesSegmentation
-from segtrain.data.image_io import CorruptImageError
-from segtrain.data.transforms import semantic_train_transforms
-from segtrain.data.voc import VOCAugSegmentation, VOCSegmentation
+from segtrain.data.codecs.image_io import CorruptImageError
+from segtrain.data.datasets.ade20k import ADE20K
+from segtrain.data.datasets.cityscapes import CityscapesSegmentation
+from segtrain.data.datasets.voc import VOCAugSegmentation, VOCSegmentation
+from segtrain.data.transforms.presets import semantic_train_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision import tv_tensors
 
-from segtrain.data.image_io import write_label
-from segtrain.data.voc import VOC_CLASSES
-from segtrain.data.voc_instance import VOCInstanceSegmentation, voc_instance_meta
+from segtrain.data.codecs.image_io import write_label
+from segtrain.data.datasets.voc import VOC_CLASSES
+from segtrain.data.datasets.voc_instance import VOCInstanceSegmentation, voc_instance_meta
 from segtrain.data_check import check_split
 from segtrain.tasks.instance import InstanceTask
 
@@ -150,9 +150,9 @@ def test_config_builds_flipping_train_set_and_an_evaluator_that_scores_the_truth
     batch = task.collate([val[0], val[1]])
     assert all(len(t["labels"]) for t in batch["train_targets"])
     evaluator = task.build_evaluator()
-    predictions = [{"masks": t["masks"], "boxes": t["boxes"].float(), "labels": t["labels"],
-                    "scores": torch.ones(len(t["labels"]))} for t in batch["targets"]]
-    evaluator.process(batch, predictions)
+    predictions = [{"instances": {"masks": t["masks"], "boxes": t["boxes"].float(), "labels": t["labels"],
+                                  "scores": torch.ones(len(t["labels"]))}} for t in batch["targets"]]
+    evaluator.process(batch["targets"], predictions)
     metrics = evaluator.compute()
     assert metrics["segm"]["AP"] == pytest.approx(100.0) and metrics["bbox"]["AP"] == pytest.approx(100.0)
     present = {VOC_CLASSES[k] for t in batch["targets"] for k in t["labels"].tolist()}

@@ -102,7 +102,7 @@ def _instance_samples() -> list[tuple[dict, dict]]:
         prediction = {"masks": _masks(detections, h, w), "boxes": _xyxy(detections),
                       "labels": torch.tensor(labels + false_labels, dtype=torch.int64),
                       "scores": torch.tensor([round(float(rng.random()), 1) for _ in detections])}
-        samples.append(({"targets": [target]}, [prediction]))
+        samples.append(({"targets": [target]}, [{"instances": prediction}]))
     return samples
 
 
@@ -129,7 +129,9 @@ def _panoptic_samples() -> list[tuple[dict, list[dict]]]:
         gt_ids, gt_segments = _panoptic_image(rng, 20, 24, crowd_ok=True)
         pred_ids, pred_segments = _panoptic_image(rng, 20, 24, crowd_ok=False)
         target = {"image_id": index + 1, "panoptic": gt_ids, "segments": gt_segments}
-        prediction = {"panoptic": pred_ids, "segments": {k: pred_segments[k] for k in ("ids", "classes")}}
+        prediction = {"panoptic": pred_ids.int(), "segments": [
+            {"id": int(i), "category_id": int(c), "isthing": False, "score": 1.0}
+            for i, c in zip(pred_segments["ids"], pred_segments["classes"])]}
         samples.append(({"targets": [target]}, [prediction]))
     return samples
 
@@ -150,12 +152,11 @@ def _build_evaluator(kind: str, out: Path) -> tuple[Evaluator, list]:
 
 
 def _collate(items: list) -> tuple[dict, object]:
-    """One (batch, predictions) pair from samples of one image each."""
+    """One (targets, predictions) pair from samples of one image each."""
     batches, predictions = zip(*items)
     if isinstance(predictions[0], torch.Tensor):
-        return {"semantic": torch.stack([b["semantic"] for b in batches])}, torch.stack(predictions)
-    return ({"targets": [t for b in batches for t in b["targets"]]},
-            [p for group in predictions for p in group])
+        return [{"semantic": b["semantic"]} for b in batches], [{"sem_seg": p} for p in predictions]
+    return [t for b in batches for t in b["targets"]], [p for group in predictions for p in group]
 
 
 def _evaluate(kind: str, out: Path) -> tuple[dict, int]:
@@ -163,8 +164,8 @@ def _evaluate(kind: str, out: Path) -> tuple[dict, int]:
     returns the metrics and the number of images this process predicted."""
     evaluator, samples = _build_evaluator(kind, out)
     seen = 0
-    for batch, predictions in build_eval_loader(samples, 2, _collate):
-        evaluator.process(batch, predictions)
+    for targets, predictions in build_eval_loader(samples, 2, _collate):
+        evaluator.process(targets, predictions)
         seen += len(predictions)
     return evaluator.compute(), seen
 
@@ -238,8 +239,8 @@ class SquaredError(Evaluator):
     def reset(self) -> None:
         self._add_state("sums", torch.zeros(2, dtype=torch.float64))
 
-    def process(self, batch, predictions) -> None:
-        self.sums += torch.tensor([float(((predictions - batch["y"]) ** 2).sum()), len(predictions)],
+    def process(self, targets, predictions) -> None:
+        self.sums += torch.tensor([float(((predictions - targets) ** 2).sum()), len(predictions)],
                                   dtype=torch.float64)
 
     def _compute(self, state) -> dict:

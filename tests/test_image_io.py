@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segtrain.data.image_io import CorruptImageError, read_image, read_label, write_label
+from segtrain.data.codecs.image_io import CorruptImageError, read_image, read_label, write_label
 
 
 @pytest.fixture

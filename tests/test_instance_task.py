@@ -10,11 +10,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from segtrain.data.synthetic import SyntheticDataset
+from segtrain.builders import build_task
+from segtrain.data.datasets.synthetic import SyntheticDataset
 from segtrain.engine.evaluation import autocast_context, evaluate_model
 from segtrain.models.maskrcnn import build_maskrcnn
+from segtrain.predictions import check_prediction
 from segtrain.tasks.instance import LOSS_NAMES, InstanceTask
-from segtrain.train import build_task
 
 SMALL_YAML = Path(__file__).resolve().parents[1] / "conf" / "model" / "maskrcnn_small.yaml"
 
@@ -171,7 +172,7 @@ def test_predict_thresholds_masks_at_half_and_returns_them_at_the_original_size(
     image, target = dataset[0]
     small = (image[:, ::2, ::2], dict(target))  # a loader that resized 64 -> 32; orig_size stays
     batch = task.collate([dataset[1], small])
-    predictions = task.predict(FixedDetections(), batch)
+    predictions = [p["instances"] for p in task.predict(FixedDetections(), batch)]
     for prediction in predictions:
         assert prediction["masks"].dtype == torch.bool and prediction["masks"].shape == (2, 64, 64)
         assert not prediction["masks"][0].any() and prediction["masks"][1].all()
@@ -186,6 +187,8 @@ def test_real_model_predictions_match_the_images(task, dataset):
     with torch.no_grad():
         predictions = task.predict(model, batch)
     for prediction in predictions:
+        check_prediction(prediction, (64, 64))
+        prediction = prediction["instances"]
         n = len(prediction["scores"])
         assert prediction["masks"].shape == (n, 64, 64) and prediction["masks"].dtype == torch.bool
         assert prediction["boxes"].shape == (n, 4)
@@ -196,8 +199,8 @@ def test_evaluation_loop_feeds_the_evaluator_and_visualizes(task, dataset):
         def reset(self):
             self.seen = []
 
-        def process(self, batch, predictions):
-            self.seen.append((len(batch["targets"]), len(predictions)))
+        def process(self, targets, predictions):
+            self.seen.append((len(targets), len(predictions)))
 
         def compute(self):
             return {"segm": {"AP": 0.0}}
@@ -216,11 +219,11 @@ def test_evaluation_loop_feeds_the_evaluator_and_visualizes(task, dataset):
 def test_build_evaluator_is_coco_with_mask_areas_and_a_results_file(task, tmp_path):
     from segtrain.metrics.coco import COCOEvaluator
 
-    evaluator = task.build_evaluator(tmp_path)
+    evaluator = task.build_evaluator(tmp_path).members["coco"]
     assert isinstance(evaluator, COCOEvaluator)
     assert evaluator.area_from == "mask" and tuple(evaluator.iou_types) == ("segm", "bbox")
     assert evaluator.results_path == tmp_path / "coco_instances_results.json"
-    assert task.build_evaluator().results_path is None
+    assert task.build_evaluator().members["coco"].results_path is None
 
 
 def test_lvis_evaluator_needs_the_lvis_json(dataset):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from segtrain.data.cityscapes import CityscapesSegmentation
-from segtrain.data.image_io import CorruptImageError
+from segtrain.data.codecs.image_io import CorruptImageError
+from segtrain.data.datasets.cityscapes import CityscapesSegmentation
 from segtrain.data.loader import CorruptSkippingDataset, LoaderOptions, build_train_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -276,7 +276,7 @@ def test_evaluator_on_tensors_equals_cocoeval_on_the_json(tmp_path):
     targets, predictions = _as_tensors(gt, results)
     evaluator = COCOEvaluator(META, results_path=tmp_path / "coco_instances_results.json")
     for start in range(0, len(targets), 2):
-        evaluator.process({"targets": targets[start:start + 2]}, predictions[start:start + 2])
+        evaluator.process(targets[start:start + 2], [{"instances": p} for p in predictions[start:start + 2]])
     metrics = evaluator.compute()
     written = json.loads((tmp_path / "coco_instances_results.json").read_text())
     assert len(written) == len(results)
@@ -295,7 +295,7 @@ def test_evaluator_with_a_gt_json_evaluates_only_the_processed_images(tmp_path):
     gt, results = make_case(9, num_images=6)
     targets, predictions = _as_tensors(gt, results)
     evaluator = COCOEvaluator(META, gt=gt, iou_types=["segm"])
-    evaluator.process({"targets": targets[:4]}, predictions[:4])
+    evaluator.process(targets[:4], [{"instances": p} for p in predictions[:4]])
     subset = {image["id"] for image in gt["images"][:4]}
     sub_gt = dict(gt, images=gt["images"][:4], annotations=[a for a in gt["annotations"]
                                                             if a["image_id"] in subset])
@@ -314,7 +314,7 @@ def test_target_masks_not_at_the_original_size_are_refused():
     prediction = {"masks": torch.zeros(0, 20, 30), "boxes": torch.zeros(0, 4),
                   "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
     with pytest.raises(ValueError, match="original image size"):
-        evaluator.process({"targets": [target]}, [prediction])
+        evaluator.process([target], [{"instances": p} for p in [prediction]])
 
 
 def test_categories_built_from_targets_are_the_things_when_metadata_names_them():
@@ -327,7 +327,7 @@ def test_categories_built_from_targets_are_the_things_when_metadata_names_them()
     target = {"image_id": 1, "orig_size": torch.tensor([40, 40]), "masks": mask, "boxes": box,
               "labels": torch.tensor([2]), "iscrowd": torch.tensor([0])}
     prediction = {"masks": mask, "boxes": box, "labels": torch.tensor([2]), "scores": torch.tensor([0.8])}
-    evaluator.process({"targets": [target]}, [prediction])
+    evaluator.process([target], [{"instances": p} for p in [prediction]])
     metrics = evaluator.compute()
     assert list(metrics["segm"]["per_class"]) == ["cat", "dog"]
     assert metrics["segm"]["AP"] == pytest.approx(100.0) and metrics["bbox"]["AP"] == pytest.approx(100.0)

@@ -346,7 +346,8 @@ def test_error_missing_png_names_image_and_path(tmp_path):
 
 def test_error_image_without_prediction(tmp_path):
     paths = _simple_case(tmp_path)
-    _edit_prediction(paths, lambda _, data: data["annotations"][0].update(image_id=5))
+    # Neither the id nor the file stem names the image (a stem alone would: see test_predict_score).
+    _edit_prediction(paths, lambda _, data: data["annotations"][0].update(image_id=5, file_name="x.png"))
     with pytest.raises(ValueError, match="no prediction for the image with id 1"):
         score_panoptic(**paths)
 
@@ -381,9 +382,9 @@ def _as_sample(image_id: int, image: tuple, meta: DatasetMeta, file_name: bool) 
         "iscrowd": torch.tensor([int(i in crowd) for i in gt_present])}}
     if file_name:
         target["file_name"] = f"{image_id:012d}.jpg"
-    prediction = {"panoptic": torch.from_numpy(pred_ids), "segments": {
-        "ids": torch.tensor(pred_present, dtype=torch.int64),
-        "classes": torch.tensor([meta.contiguous_id(pred_cats[i]) for i in pred_present], dtype=torch.int64)}}
+    prediction = {"panoptic": torch.from_numpy(pred_ids).int(), "segments": [
+        {"id": i, "category_id": meta.contiguous_id(pred_cats[i]), "isthing": False, "score": 1.0}
+        for i in pred_present]}
     return target, prediction
 
 
@@ -404,7 +405,7 @@ def test_evaluator_on_tensors_equals_score_panoptic_on_files_and_writes_coco_pan
     samples = [_as_sample(i, image, meta, file_name=i % 2 == 0) for i, image in enumerate(images, start=1)]
     for start in (0, 2):  # two batches
         batch = samples[start:start + 2]
-        evaluator.process({"targets": [t for t, _ in batch]}, [p for _, p in batch])
+        evaluator.process([t for t, _ in batch], [p for _, p in batch])
     got = evaluator.compute()["panoptic"]
     expected = score_panoptic(**paths)["panoptic"]
     _assert_same_metrics(got, expected)
@@ -414,7 +415,7 @@ def test_evaluator_on_tensors_equals_score_panoptic_on_files_and_writes_coco_pan
     assert sorted(p.name for p in written["pred_dir"].iterdir()) == [f"{i:012d}.png" for i in range(1, 5)]
     _assert_same_metrics(assert_matches_reference(written), expected)
     evaluator.reset()
-    evaluator.process({"targets": [samples[0][0]]}, [samples[0][1]])
+    evaluator.process([samples[0][0]], [samples[0][1]])
     assert evaluator.compute()["panoptic"]["PQ"] != got["PQ"]  # reset forgot the other images
 
 
@@ -423,7 +424,7 @@ def test_evaluator_rejects_a_class_that_is_not_a_panoptic_category(tmp_path):
     image = (_blank(11), {11: 1}, set(), _blank(12), {12: 0})
     target, prediction = _as_sample(4, image, meta, file_name=False)
     with pytest.raises(ValueError, match=r"image 4: segment class 0 is not a panoptic category"):
-        PanopticEvaluator(meta).process({"targets": [target]}, [prediction])
+        PanopticEvaluator(meta).process([target], [prediction])
 
 
 def test_score_cli_writes_pq_and_prints_the_table(tmp_path):

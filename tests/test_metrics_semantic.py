@@ -159,7 +159,13 @@ def test_batch_and_one_by_one_accumulation_agree_and_reset_clears():
     gt[:, 0] = 255
     pred = torch.randint(0, 4, gt.shape, generator=g)
     whole, single = SemanticEvaluator(4), SemanticEvaluator(4)
-    whole.process({"semantic": gt}, pred)
+    whole.update(pred, gt)
+    per_image = SemanticEvaluator(4)
+    per_image.process([{"semantic": t} for t in gt], [{"sem_seg": p} for p in pred])
+    # float class scores are read through their argmax
+    scores = torch.nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).float()
+    per_image.process([{"semantic": t} for t in gt], [{"sem_seg": p} for p in scores])
+    assert torch.equal(per_image.confusion_matrix, 2 * whole.confusion_matrix)
     for i in range(5):
         single.update(pred[i], gt[i])
     assert torch.equal(whole.confusion_matrix, single.confusion_matrix)

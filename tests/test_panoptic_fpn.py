@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import masks_to_boxes
 
 from segtrain.data.meta import DatasetMeta, default_palette
 from segtrain.models.panoptic_fpn import SEMANTIC_LOSS, build_panoptic_fpn
+from segtrain.predictions import check_prediction
 from segtrain.tasks.panoptic import PanopticTask
 
 SMALL = dict(backbone="resnet18", min_size=64, max_size=64, rpn_pre_nms_top_n_train=50,
@@ -96,7 +98,20 @@ def _output(masks: list[torch.Tensor], scores: list[float], labels: list[int],
     logits = torch.nn.functional.one_hot(semantic, 3).permute(2, 0, 1).float()
     return {"masks": torch.stack(masks)[:, None].float() if masks else torch.zeros(0, 1, *semantic.shape),
             "scores": torch.tensor(scores), "labels": torch.tensor(labels, dtype=torch.int64),
-            "sem_seg": logits}
+            "boxes": masks_to_boxes(torch.stack(masks)) if masks else torch.zeros(0, 4), "sem_seg": logits}
+
+
+def _predict(task: PanopticTask, output: dict, size: tuple[int, int]) -> dict:
+    """The task's prediction for one image whose model output is `output` (orig_size `size`)."""
+    image = torch.zeros(3, *output["sem_seg"].shape[-2:], dtype=torch.uint8)
+    batch = {"images": [image], "targets": [{"orig_size": torch.tensor(size)}]}
+    prediction = task.predict(lambda images: [output], batch)[0]
+    check_prediction(prediction, size)
+    segments = prediction["segments"]
+    prediction["columns"] = {"ids": torch.tensor([s["id"] for s in segments], dtype=torch.int64),
+                             "classes": torch.tensor([s["category_id"] for s in segments], dtype=torch.int64),
+                             "scores": torch.tensor([s["score"] for s in segments])}
+    return prediction
 
 
 def test_merge_places_instances_by_score_then_large_enough_stuff():
@@ -111,8 +126,9 @@ def test_merge_places_instances_by_score_then_large_enough_stuff():
     semantic = torch.zeros(10, 10, dtype=torch.int64)
     semantic[:, 5:] = 1  # branch class 1 = meta.stuff_ids[0] = sky
     semantic[9, 0] = 2  # one pixel of branch class 2: below stuff_area_thresh
-    out = task._merge(_output([a, b, c, d], [0.9, 0.8, 0.7, 0.4], [1, 2, 1, 1], semantic), (10, 10))
-    pan, seg = out["panoptic"], out["segments"]
+    out = _predict(task, _output([a, b, c, d], [0.9, 0.8, 0.7, 0.4], [1, 2, 1, 1], semantic), (10, 10))
+    pan, seg = out["panoptic"], out["columns"]
+    assert [s["isthing"] for s in out["segments"]] == [True, True, False]
     assert seg["ids"].tolist() == [1, 2, 3]
     assert seg["classes"].tolist() == [2, 3, 0]  # circle, square, then sky (branch class 1)
     assert (pan[0:4, 0:4] == 1).all()
@@ -121,6 +137,10 @@ def test_merge_places_instances_by_score_then_large_enough_stuff():
     # Branch class 0 (things) is never stuff; its pixels and the tiny region stay VOID.
     assert int((pan == 3).sum()) == int(((semantic == 1) & (pan != 1) & (pan != 2)).sum())
     assert pan[9, 0] == 0 and pan[0, 4] == 0
+    # sem_seg: each segment's class; VOID pixels the best stuff class of the branch
+    assert (out["sem_seg"][pan == 1] == 2).all() and (out["sem_seg"][pan == 3] == 0).all()
+    assert out["sem_seg"][9, 0] == 1  # grass: too small for a segment, still its best stuff class
+    assert len(out["instances"]["scores"]) == 4  # every detection, thresholds are the merge's
 
 
 def test_merge_rescales_to_the_original_size():
@@ -128,7 +148,8 @@ def test_merge_rescales_to_the_original_size():
     semantic = torch.ones(8, 8, dtype=torch.int64)
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[:4, :4] = True
-    out = task._merge(_output([mask], [0.9], [2], semantic), (16, 16))
-    assert out["panoptic"].shape == (16, 16)
-    assert out["segments"]["classes"].tolist() == [3, 0]
+    out = _predict(task, _output([mask], [0.9], [2], semantic), (16, 16))
+    assert out["panoptic"].shape == (16, 16) and out["sem_seg"].shape == (16, 16)
+    assert out["instances"]["masks"].shape == (1, 16, 16)
+    assert out["columns"]["classes"].tolist() == [3, 0]
     assert int((out["panoptic"] == 1).sum()) == 64

@@ -184,7 +184,7 @@ def test_results_with_the_tasks_mask_boxes_equal_results_without_them():
     image = torch.zeros(3, 24, 30, dtype=torch.uint8)
     batch = {"images": [image, image[:, :12, :15]],
              "targets": [{"orig_size": torch.tensor([24, 30])}, {"orig_size": torch.tensor([24, 30])}]}
-    predictions = task.predict(_Blobs(), batch)
+    predictions = [p["instances"] for p in task.predict(_Blobs(), batch)]
     meta = DatasetMeta(["background", "a", "b", "c"], default_palette(4), thing_ids=[1, 2, 3], stuff_ids=[0])
     for prediction in predictions:
         assert torch.equal(prediction["mask_boxes"], tight_boxes(prediction["masks"]))

@@ -71,13 +71,30 @@ def test_sliding_window_equals_whole_image_for_a_per_pixel_model():
     slide = SemanticTask(num_classes=3, inference={"mode": "slide", "crop_size": [5, 4],
                                                    "stride": [3, 3]})
     torch.manual_seed(1)
-    batch = {"images": torch.randint(0, 256, (2, 3, 11, 9), dtype=torch.uint8)}
+    images = torch.randint(0, 256, (2, 3, 11, 9), dtype=torch.uint8)
+    batch = slide.collate([(image, {"image_id": i, "orig_size": torch.tensor([11, 9])})
+                           for i, image in enumerate(images)])
     model = PixelNet()
     with torch.no_grad():
         expected = whole.logits(model, whole.normalize(batch["images"]))
         got = slide.logits(model, slide.normalize(batch["images"]))
     torch.testing.assert_close(got, expected)
-    assert torch.equal(slide.predict(model, batch), expected.argmax(1))
+    predictions = slide.predict(model, batch)
+    assert [sorted(p) for p in predictions] == [["sem_seg"], ["sem_seg"]]
+    assert torch.equal(torch.stack([p["sem_seg"] for p in predictions]), expected.argmax(1))
+
+
+def test_predictions_are_cut_to_each_image_and_resized_to_its_original_size():
+    task = SemanticTask(num_classes=3)
+    small = (torch.zeros(3, 4, 6, dtype=torch.uint8), {"image_id": 0, "orig_size": torch.tensor([4, 6])})
+    # a loader that halved this image: its prediction must come back at the original 10x8
+    large = (torch.zeros(3, 5, 4, dtype=torch.uint8), {"image_id": 1, "orig_size": torch.tensor([10, 8])})
+    batch = task.collate([small, large])
+    assert batch["images"].shape == (2, 3, 5, 6)
+    with torch.no_grad():
+        predictions = task.predict(PixelNet(), batch)
+    assert [tuple(p["sem_seg"].shape) for p in predictions] == [(4, 6), (10, 8)]
+    assert [sorted(t) for t in batch["targets"]] == [["image_id", "orig_size"]] * 2  # no labels given
 
 
 def test_slide_mode_without_a_crop_size_is_rejected():
@@ -88,7 +105,7 @@ def test_slide_mode_without_a_crop_size_is_rejected():
 def test_visualize_lays_out_image_prediction_and_truth_side_by_side():
     task = SemanticTask(num_classes=3, palette=[(0, 0, 0), (255, 0, 0), (0, 255, 0)])
     batch = task.collate([_sample(4, 5), _sample(4, 5)])
-    grid = task.visualize(batch, torch.zeros(2, 4, 5, dtype=torch.int64), max_images=1)
+    grid = task.visualize(batch, [{"sem_seg": torch.zeros(4, 5, dtype=torch.int64)}] * 2, max_images=1)
     assert grid.shape == (3, 4, 15) and grid.dtype == torch.uint8
     assert grid[:, 0, 0].tolist() == [7, 7, 7]            # the image
     assert grid[:, 0, 5].tolist() == [4, 4, 4]            # prediction: class 0, black at 50 %

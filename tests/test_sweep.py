@@ -14,7 +14,8 @@ from conftest import TINY, run_cli
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from segtrain.sweep import SweepSummary, flatten_metrics, sort_rows
+from segtrain.metrics.report import flatten_metrics
+from segtrain.sweep import SweepSummary, sort_rows
 from segtrain.utils.checkpoint import load_checkpoint
 
 FAST = [*TINY, "trainer.max_iters=2", "trainer.eval_every=2", "trainer.ckpt_every=2",

@@ -12,11 +12,11 @@ from torch.nn import functional as nnf
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from segtrain.data.export import export_semantic
-from segtrain.data.image_io import read_image, read_label
+from segtrain.data.codecs.image_io import read_image, read_label
+from segtrain.data.datasets.synthetic import SHAPES, SyntheticDataset
+from segtrain.data.export.semantic import export_semantic
 from segtrain.data.meta import DatasetMeta, default_palette
-from segtrain.data.synthetic import SHAPES, SyntheticDataset
-from segtrain.data.transforms import semantic_eval_transforms, semantic_train_transforms
+from segtrain.data.transforms.presets import semantic_eval_transforms, semantic_train_transforms
 
 
 def _equal_samples(a, b) -> bool:

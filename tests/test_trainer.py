@@ -35,8 +35,8 @@ class MSEEvaluator:
     def reset(self) -> None:
         self.total, self.count = 0.0, 0
 
-    def process(self, batch, predictions) -> None:
-        self.total += float(((predictions - batch["y"]) ** 2).sum())
+    def process(self, targets, predictions) -> None:
+        self.total += float(((predictions - targets) ** 2).sum())
         self.count += len(predictions)
 
     def compute(self) -> dict:
@@ -44,7 +44,6 @@ class MSEEvaluator:
 
 
 class ToyTask:
-    metric_families = ("toy",)
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -52,7 +51,8 @@ class ToyTask:
         self.on_step = None
 
     def collate(self, samples):
-        return {"x": torch.stack([s[0] for s in samples]), "y": torch.stack([s[1] for s in samples])}
+        y = torch.stack([s[1] for s in samples])
+        return {"x": torch.stack([s[0] for s in samples]), "y": y, "targets": y}
 
     def to_device(self, batch, device):
         return {k: v.to(device) for k, v in batch.items()}

@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from segtrain.data.datasets.panoptic import masks_to_boxes, panoptic_targets
 from segtrain.data.meta import DatasetMeta, default_palette
-from segtrain.data.panoptic import masks_to_boxes, panoptic_targets
-from segtrain.data.photometric import _affine
-from segtrain.data.transforms import (
+from segtrain.data.transforms.photometric import _affine
+from segtrain.data.transforms.presets import (
     PadToMultiple,
     PadToSize,
     PanopticMap,
@@ -269,9 +269,10 @@ def test_transforms_compose_from_yaml_as_a_v2_list():
     cfg = OmegaConf.create({
         "_target_": "torchvision.transforms.v2.Compose",
         "transforms": [
-            {"_target_": "segtrain.data.transforms.RandomCrop", "size": [24, 30], "cat_max_ratio": 0.75},
+            {"_target_": "segtrain.data.transforms.presets.RandomCrop", "size": [24, 30],
+             "cat_max_ratio": 0.75},
             {"_target_": "torchvision.transforms.v2.RandomHorizontalFlip", "p": 1.0},
-            {"_target_": "segtrain.data.transforms.PadToMultiple", "size_divisor": 32},
+            {"_target_": "segtrain.data.transforms.presets.PadToMultiple", "size_divisor": 32},
         ],
     })
     transform = instantiate(cfg)

@@ -10,8 +10,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from segtrain.data.panoptic import masks_to_boxes
-from segtrain.data.transforms import (
+from segtrain.data.datasets.panoptic import masks_to_boxes
+from segtrain.data.transforms.presets import (
     PanopticMap,
     RandomCrop,
     RandomResize,
@@ -19,7 +19,7 @@ from segtrain.data.transforms import (
     ResizeCrop,
     semantic_train_transforms,
 )
-from segtrain.data.window_resize import nearest_indices, resize_window
+from segtrain.data.transforms.window_resize import nearest_indices, resize_window
 
 # Growing, the float window differs from torch's fixed-point uint8 kernel by 1 on a few pixels.
 GROW_TOLERANCE, GROW_MAX_SHARE_OFF = 1, 0.03

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from segtrain.data.image_io import CorruptImageError
+from segtrain.data.codecs.image_io import CorruptImageError
 from segtrain.utils.distributed import get_rank, get_world_size
 
 log = logging.getLogger("segtrain.data")

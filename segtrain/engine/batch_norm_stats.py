@@ -32,6 +32,7 @@ from segtrain.data.loader import ResumableSampler, shutdown_workers
 from segtrain.engine.evaluation import autocast_context
 from segtrain.engine.trainer_config import lookup_metric
 from segtrain.utils.distributed import all_reduce_sum, get_world_size, is_distributed
+from segtrain.utils.tensors import to_cpu
 
 log = logging.getLogger("segtrain.train")
 
@@ -222,14 +223,14 @@ def check_bn_stats(
     evaluator of the task (`task.primary_metric`). Costs one forward of the batch.
 
     None (no check) when the model has no BatchNorm layer or the task no primary metric, when
-    the predictions are not an integer tensor (class maps such as int64 (N, H, W); instance
-    lists would need a whole COCO evaluation), under DDP (an evaluator's `compute` is a
+    the predictions are not integer `sem_seg` label maps alone (instances would need a whole
+    COCO evaluation), under DDP (an evaluator's `compute` is a
     collective), or when the batch is too small for batch statistics (a pooled 1x1 branch with
     one image).
     """
     metric = getattr(task, "primary_metric", None)
     if (metric is None or is_distributed() or not batch_norm_layers(model)
-            or not torch.is_tensor(predictions) or predictions.is_floating_point()):
+            or _label_maps(predictions) is None):
         return None
     was_training = model.training
     model.eval()
@@ -241,18 +242,35 @@ def check_bn_stats(
         return None
     finally:
         model.train(was_training)
-    if not torch.is_tensor(again) or again.shape != predictions.shape or predictions.numel() == 0:
+    before, after = _label_maps(predictions), _label_maps(again)
+    if (after is None or len(after) != len(before)
+            or any(a.shape != b.shape for a, b in zip(after, before)) or not sum(b.numel() for b in before)):
         return None
-    again, predictions = again.cpu(), predictions.cpu()
     values = []
     for scored in (predictions, again):
         evaluator = task.build_evaluator(None)
         evaluator.reset()
-        evaluator.process(batch, scored)
+        evaluator.process(batch["targets"], to_cpu(scored))
         values.append(lookup_metric(evaluator.compute(), metric))
     if any(math.isnan(value) for value in values):
         return None
-    return BNCheck(metric, values[0], values[1], (again == predictions).double().mean().item())
+    same = sum(int((a.cpu() == b.cpu()).sum()) for a, b in zip(after, before))
+    return BNCheck(metric, values[0], values[1], same / sum(b.numel() for b in before))
+
+
+def _label_maps(predictions: Any) -> list[torch.Tensor] | None:
+    """The `sem_seg` label maps of a batch's predictions, None unless that is all they hold."""
+    if not isinstance(predictions, list) or not predictions:
+        return None
+    maps = []
+    for prediction in predictions:
+        if not isinstance(prediction, dict) or set(prediction) != {"sem_seg"}:
+            return None
+        sem_seg = prediction["sem_seg"]
+        if not torch.is_tensor(sem_seg) or sem_seg.is_floating_point():
+            return None
+        maps.append(sem_seg)
+    return maps
 
 
 def warn_on_stale_bn_stats(check: BNCheck | None, step: int, precise_bn_on: bool) -> None:

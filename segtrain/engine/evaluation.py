@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -11,7 +12,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segtrain.data.loader import shutdown_workers
-from segtrain.metrics.base import Evaluator
+from segtrain.metrics.build import Evaluators
+from segtrain.utils.tensors import to_cpu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,31 +27,24 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
-def to_cpu(obj: Any) -> Any:
-    """Tensors moved to the CPU inside any nesting of lists, tuples and dicts (predictions)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
     task: Any,
     loader: DataLoader,
-    evaluator: Evaluator,
+    evaluator: Evaluators,
     device: torch.device,
     precision: str = "fp32",
     keep_first: int = 0,
     progress: bool | None = None,
+    consumers: Sequence[Callable[[dict, list], None]] = (),
 ) -> tuple[dict, list[tuple[dict, Any]]]:
     """Run `model` over `loader`; returns (metrics, the first `keep_first` (batch, predictions)).
 
-    The kept pairs feed TensorBoard's image panel; they live on the CPU.
+    `task.predict` gives per-image predictions in the format of segtrain.predictions; the
+    evaluator reads them with the batch's per-image `targets`; `consumers` (e.g. a prediction
+    writer) get `(batch, predictions)` too. The kept pairs feed TensorBoard's image panel; they
+    live on the CPU.
     """
     was_training = model.training
     model.eval()
@@ -62,7 +57,9 @@ def evaluate_model(
             batch = task.to_device(batch, device)
             with autocast_context(device, precision):
                 predictions = task.predict(model, batch)
-            evaluator.process(batch, predictions)
+            evaluator.process(batch["targets"], predictions)
+            for consume in consumers:
+                consume(batch, predictions)
             if len(kept) < keep_first:
                 kept.append((task.to_device(batch, torch.device("cpu")), to_cpu(predictions)))
         return evaluator.compute(), kept

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from segtrain.metrics.report import flatten_metrics
+
 log = logging.getLogger("segtrain.train")
 
 
@@ -22,20 +24,6 @@ def peak_memory_mb(device: torch.device) -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """{"semantic": {"mIoU": 50.0, "per_class": {...}}} -> {"semantic/mIoU": 50.0} (no per-class)."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if key == "per_class":
-            continue
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_metrics(value, f"{name}/"))
-        elif isinstance(value, (int, float)):
-            flat[name] = float(value)
-    return flat
 
 
 class Monitor:

@@ -17,6 +17,7 @@ import copy
 import io
 import json
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,82 @@ def result_iou_types(results: list[dict]) -> tuple[str, ...]:
                  if all(key in r for r in results))
 
 
+def results_for_ground_truth(data: Any, gt: dict, source: str) -> list[dict]:
+    """The detections of a results file, with image ids of the ground truth.
+
+    data: a COCO results list, or a dict whose `annotations` are the detections and `images`
+    ({id, file_name}) the predicted images (`segtrain predict`'s instances.json). Where the file
+    names its images (`images`, or a `file_name` in each detection), they are matched to the
+    ground truth's by file stem ("a.jpg" ~ "a.png" ~ "a") and the ids replaced by the ground
+    truth's: `predict` numbers images in its input order. Detections of images the ground truth
+    lacks are dropped with a warning; with an `images` list, a ground-truth image it lacks is a
+    ValueError (its detections would silently count as none). Without file names (or when the
+    ground truth has none) the ids are used as given, as pycocotools does.
+    """
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        results, images = data["annotations"], data.get("images")
+    elif isinstance(data, list):
+        results, images = data, None
+    else:
+        raise ValueError(f"{source}: expected a JSON list of result dicts (COCO results), or a dict "
+                         f"with `annotations` (segtrain predict's instances.json); got {type(data).__name__}")
+    names = _predicted_stems(results, images if isinstance(images, list) else [], source)
+    gt_ids = _ground_truth_ids_by_stem(gt) if names else None
+    if gt_ids is None:
+        return results
+    if all(gt_ids.get(stem) == image_id for image_id, stem in names.items()):
+        return results  # already the ground truth's ids
+    unknown = {stem for stem in names.values() if stem not in gt_ids}
+    if unknown:
+        warnings.warn(f"{source}: {len(unknown)} predicted images have no ground-truth image of the same "
+                      f"file stem; their detections are ignored, e.g. {', '.join(sorted(unknown)[:5])}",
+                      stacklevel=2)
+    if isinstance(images, list):
+        predicted = set(names.values())
+        missing = [stem for stem in gt_ids if stem not in predicted]
+        if missing:
+            raise ValueError(f"{source}: {len(missing)} of {len(gt_ids)} ground-truth images were not "
+                             f"predicted (matched by file stem), e.g. {', '.join(missing[:5])}; predict "
+                             "every image of the ground truth")
+    return [{**r, "image_id": gt_ids[names[r["image_id"]]]} if r.get("image_id") in names else r
+            for r in results if names.get(r.get("image_id")) not in unknown]
+
+
+def _predicted_stems(results: list, images: list, source: str) -> dict[Any, str]:
+    """Image id -> file stem, from `images` entries and from detections carrying `file_name`."""
+    from segtrain.data.codecs.file_names import image_stem
+
+    names: dict[Any, str] = {}
+    entries = [*images, *({"id": r["image_id"], "file_name": r["file_name"]} for r in results
+                          if isinstance(r, dict) and "file_name" in r and "image_id" in r)]
+    for entry in entries:
+        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
+            continue
+        stem = image_stem(entry["file_name"])
+        if names.setdefault(entry["id"], stem) != stem:
+            raise ValueError(f"{source}: image_id {entry['id']} is named both {names[entry['id']]} "
+                             f"and {stem}; expected one file per image id")
+    return names
+
+
+def _ground_truth_ids_by_stem(gt: dict) -> dict[str, Any] | None:
+    """File stem -> image id of the ground truth; None when an image has no file_name.
+    ValueError naming both when two images share a stem (file names could not tell them apart)."""
+    from segtrain.data.codecs.file_names import image_stem
+
+    ids: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    for image in gt.get("images", []):
+        if "file_name" not in image:
+            return None
+        stem = image_stem(image["file_name"])
+        if stem in ids:
+            raise ValueError(f"the ground truth's images {files[stem]} and {image['file_name']} share "
+                             f"the stem {stem!r}; predictions cannot be matched to them by file name")
+        ids[stem], files[stem] = image["id"], image["file_name"]
+    return ids
+
+
 def score_coco(gt_json: str | Path, results_json: str | Path, iou_types: Iterable[str] | None = None,
                area_from: str = "bbox", backend: str = "fast") -> dict:
     """Score a COCO results JSON against a COCO instances JSON, as pycocotools does on the file.
@@ -292,8 +369,9 @@ def score_coco(gt_json: str | Path, results_json: str | Path, iou_types: Iterabl
     if not isinstance(gt, dict) or "images" not in gt or "annotations" not in gt:
         raise ValueError(f"ground-truth file {gt_json} is not a COCO instances JSON "
                          "(a dict with images, annotations, categories)")
-    results = load_json(results_json, "results")
-    validate_results(results, gt, f"results file {results_json}")
+    source = f"results file {results_json}"
+    results = results_for_ground_truth(load_json(results_json, "results"), gt, source)
+    validate_results(results, gt, source)
     iou_types = result_iou_types(results) if iou_types is None else iou_types
     return evaluate_coco(build_coco(gt), results, iou_types, area_from, backend=backend)
 
@@ -313,6 +391,9 @@ def _check_mask_size(image: dict, prediction: dict) -> None:
         )
 
 
+INSTANCE_EVALUATOR_NAMES = "coco/lvis"
+
+
 class InstanceEvaluator(Evaluator):
     """What the COCO and LVIS evaluators share: options, the ground-truth source, results file."""
 
@@ -329,12 +410,15 @@ class InstanceEvaluator(Evaluator):
         self._gt_source = gt
 
     @staticmethod
-    def _per_image(batch: dict[str, Any], predictions: Sequence[dict]) -> Iterator[tuple[dict, dict]]:
-        """(target, prediction) of each image of a batch; batch["targets"] holds the targets."""
-        targets = batch["targets"]
+    def _per_image(targets: Sequence[dict], predictions: Sequence[dict]) -> Iterator[tuple[dict, dict]]:
+        """(target, predicted instances) of each image of a batch."""
         if len(targets) != len(predictions):
             raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions in a batch")
-        return zip(targets, predictions)
+        for target, prediction in zip(targets, predictions):
+            if "instances" not in prediction:
+                raise KeyError(f"the {INSTANCE_EVALUATOR_NAMES} evaluators read `instances` "
+                               f"predictions; got keys {sorted(prediction)}")
+            yield target, prediction["instances"]
 
     def _write_results(self, results: list[dict]) -> None:
         if self.results_path is not None and is_main_process():
@@ -367,9 +451,9 @@ class COCOEvaluator(InstanceEvaluator):
         self._add_list_state("images")
         self._add_list_state("gt_annotations")
 
-    def process(self, batch: dict[str, Any], predictions: Sequence[dict]) -> None:
-        """batch["targets"]: per-image target dicts; predictions: per-image prediction dicts."""
-        for target, prediction in self._per_image(batch, predictions):
+    def process(self, targets: Sequence[dict], predictions: Sequence[dict]) -> None:
+        """targets: per-image target dicts; predictions: per-image dicts with `instances`."""
+        for target, prediction in self._per_image(targets, predictions):
             image_id = int(target["image_id"])
             if self._gt_source is None:
                 image, annotations = targets_to_annotations(target, self.meta)

@@ -231,9 +231,10 @@ class LVISEvaluator(InstanceEvaluator):
         self._add_list_state("results")
         self._add_list_state("image_ids")
 
-    def process(self, batch: dict[str, Any], predictions: Sequence[dict]) -> None:
-        """batch["targets"]: per-image target dicts (only `image_id` is read); predictions: per image."""
-        for target, prediction in self._per_image(batch, predictions):
+    def process(self, targets: Sequence[dict], predictions: Sequence[dict]) -> None:
+        """targets: per-image dicts (only `image_id` is read); predictions: per-image dicts with
+        `instances`."""
+        for target, prediction in self._per_image(targets, predictions):
             image_id = int(target["image_id"])
             self.image_ids.append(image_id)
             self.results.extend(predictions_to_results(image_id, prediction, self.meta))

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segtrain.data.codecs.file_names import image_stem
 from segtrain.data.meta import DatasetMeta
 from segtrain.metrics.base import Evaluator
 from segtrain.utils.distributed import is_main_process
@@ -298,6 +299,31 @@ def _ids_from_pixels(pixels: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return out
 
 
+def panoptic_rgb(ids: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB encoding of int (H, W) segment ids in [0, 2^24): id = R + 256 G + 256^2 B."""
+    return np.stack([(ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
+
+
+def write_panoptic_png(path: str | os.PathLike, ids: np.ndarray) -> None:
+    """Write int (H, W) segment ids as a COCO panoptic PNG (RGB-encoded), atomically."""
+    rgb = panoptic_rgb(ids)
+    write_atomically(path, lambda f: Image.fromarray(rgb).save(f, format="PNG"), binary=True)
+
+
+def segment_areas(ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """Pixel count int64 (S,) of each of `segment_ids` (S,) in the int64 (H, W) id map `ids`."""
+    codes = _IdLookup.codes(ids, np.asarray(segment_ids, dtype=np.int64))
+    return np.bincount(codes.ravel(), minlength=len(segment_ids) + 2)[1:len(segment_ids) + 1]
+
+
+def panoptic_categories(meta: DatasetMeta) -> list[dict]:
+    """The COCO panoptic `categories` of a dataset: its thing and stuff classes (every class when
+    neither is given), as {id (dataset id), name, isthing}."""
+    labels = sorted(set(meta.thing_ids) | set(meta.stuff_ids)) or list(range(meta.num_classes))
+    return [{"id": meta.category_id(k), "name": meta.classes[k], "isthing": int(k in meta.thing_ids)}
+            for k in labels]
+
+
 def categories_from_json(gt: dict, source: str) -> Categories:
     """The ground truth's `categories` (id, name, isthing) in file order."""
     entries = gt.get("categories") if isinstance(gt, dict) else None
@@ -340,22 +366,32 @@ class _ImagePair:
 
 def _image_pairs(gt: dict, pred: dict, gt_dir: Path, pred_dir: Path,
                  categories: Categories) -> list[_ImagePair]:
-    """Every ground-truth image with its prediction, validated before any PNG is decoded."""
-    predictions: dict[Any, dict] = {}
-    for ann in pred.get("annotations", []) if isinstance(pred, dict) else []:
-        if ann["image_id"] in predictions:
-            raise ValueError(f"predictions: image {ann['image_id']} has two annotations; expected one")
-        predictions[ann["image_id"]] = ann
-    if not isinstance(pred, dict) or "annotations" not in pred:
+    """Every ground-truth image with its prediction, validated before any PNG is decoded.
+
+    Predictions are matched by file stem when every ground-truth annotation's stem is among the
+    predictions' (`segtrain predict` numbers its images in input order, not with the ground
+    truth's ids); otherwise by image_id, as pq_compute does.
+    """
+    if not isinstance(pred, dict) or not isinstance(pred.get("annotations"), list):
         raise ValueError("predictions: no `annotations` list; expected COCO panoptic format")
+    by_id: dict[Any, dict] = {}
+    for ann in pred["annotations"]:
+        if ann["image_id"] in by_id:
+            raise ValueError(f"predictions: image {ann['image_id']} has two annotations; expected one")
+        by_id[ann["image_id"]] = ann
+    by_stem = _annotations_by_stem(pred["annotations"])
+    gt_annotations = gt.get("annotations", [])
+    use_stems = by_stem is not None and all(
+        image_stem(g.get("file_name", "")) in by_stem for g in gt_annotations)
     pairs = []
-    for gt_ann in gt.get("annotations", []):
+    for gt_ann in gt_annotations:
         image_id = gt_ann["image_id"]
         name = f"{image_id} ({gt_ann['file_name']})"
-        if image_id not in predictions:
-            raise ValueError(f"no prediction for the image with id {image_id}; the predictions JSON must "
-                             "annotate every ground-truth image")
-        pred_ann = predictions[image_id]
+        pred_ann = by_stem[image_stem(gt_ann["file_name"])] if use_stems else by_id.get(image_id)
+        if pred_ann is None:
+            raise ValueError(f"no prediction for the image with id {image_id} ({gt_ann['file_name']}); "
+                             "the predictions JSON must annotate every ground-truth image, with its "
+                             "image_id or with a file_name of the same stem")
         pair = _ImagePair(name, gt_dir / gt_ann["file_name"], pred_dir / pred_ann["file_name"],
                           _segments(gt_ann, categories, name, gt=True),
                           _segments(pred_ann, categories, name, gt=False))
@@ -364,6 +400,20 @@ def _image_pairs(gt: dict, pred: dict, gt_dir: Path, pred_dir: Path,
                 raise FileNotFoundError(f"image {name}: {what} PNG not found: {png}")
         pairs.append(pair)
     return pairs
+
+
+def _annotations_by_stem(annotations: list[dict]) -> dict[str, dict] | None:
+    """Prediction annotations by the stem of their PNG; None when one has no file_name or two
+    share a stem (then the image ids decide)."""
+    by_stem: dict[str, dict] = {}
+    for ann in annotations:
+        if "file_name" not in ann:
+            return None
+        stem = image_stem(ann["file_name"])
+        if stem in by_stem:
+            return None
+        by_stem[stem] = ann
+    return by_stem
 
 
 def _pair_stats(pair: _ImagePair, num_stats: int) -> np.ndarray:
@@ -464,17 +514,29 @@ class PanopticEvaluator(Evaluator):
                              f"[{ids.min()}, {ids.max()}]")
         return ids.astype(np.int64, copy=False)
 
-    def process(self, batch: dict[str, Any], predictions: Sequence[dict]) -> None:
-        """batch["targets"]: per-image target dicts; predictions: per-image prediction dicts."""
+    def _predicted_segments(self, segments: Any, image: str) -> Segments:
+        """The prediction format's segment list [{id, category_id, ...}] as Segments."""
+        if not isinstance(segments, list):
+            raise ValueError(f"image {image}: predicted `segments` must be a list of "
+                             "{id, category_id, isthing, score} dicts")
+        ids = np.array([int(s["id"]) for s in segments], dtype=np.int64)
+        classes = np.array([int(s["category_id"]) for s in segments], dtype=np.int64)
+        return self._segments({"ids": ids, "classes": classes}, image, iscrowd=False)
+
+    def process(self, targets: Sequence[dict], predictions: Sequence[dict]) -> None:
+        """targets: per-image dicts (`panoptic`, `segments`, `image_id`, optional `file_name`);
+        predictions: per-image dicts with `panoptic` and `segments` (segtrain.predictions)."""
         import torch
 
-        targets = batch["targets"]
         if len(targets) != len(predictions):
             raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions in a batch")
         for target, prediction in zip(targets, predictions):
             image = str(int(target["image_id"]))
+            if "panoptic" not in prediction:
+                raise KeyError(f"the panoptic evaluator reads `panoptic` predictions; got keys "
+                               f"{sorted(prediction)}")
             gt_ids, pred_ids = self._ids(target["panoptic"], image), self._ids(prediction["panoptic"], image)
-            pred = self._segments(prediction["segments"], image, iscrowd=False)
+            pred = self._predicted_segments(prediction["segments"], image)
             stats = image_stats(gt_ids, self._segments(target["segments"], image, iscrowd=True),
                                 pred_ids, pred, self.categories.num_stats, image)
             self.stats += torch.from_numpy(stats)
@@ -484,13 +546,9 @@ class PanopticEvaluator(Evaluator):
     def _write_png(self, target: dict, pred_ids: np.ndarray, pred: Segments) -> dict:
         image_id = int(target["image_id"])
         file_name = Path(str(target.get("file_name", f"{image_id:012d}"))).stem + ".png"
-        rgb = np.stack([(pred_ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
-        folder = self.output_dir / "panoptic_predictions"
-        write_atomically(folder / file_name, lambda f: Image.fromarray(rgb).save(f, format="PNG"),
-                         binary=True)
-        areas = np.bincount(_IdLookup.codes(pred_ids, pred.ids).ravel(), minlength=len(pred.ids) + 2)
+        write_panoptic_png(self.output_dir / "panoptic_predictions" / file_name, pred_ids)
         segments = [{"id": int(i), "category_id": self.categories.ids[c], "area": int(a)}
-                    for i, c, a in zip(pred.ids, pred.cats, areas[1:len(pred.ids) + 1])]
+                    for i, c, a in zip(pred.ids, pred.cats, segment_areas(pred_ids, pred.ids))]
         return {"image_id": image_id, "file_name": file_name, "segments_info": segments}
 
     def _compute(self, state: dict[str, Any]) -> dict:

@@ -115,22 +115,38 @@ def format_metrics_summary(metrics: Mapping[str, Any], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types; non-finite floats become None (strict JSON has no NaN/Infinity)."""
+def json_safe(value: Any) -> Any:
+    """Plain JSON types: mappings and sequences recursively, 0-d tensors and numpy scalars as
+    numbers, non-finite floats as None (strict JSON has no NaN/Infinity), other objects as str."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, str)) or value is None:
-        return value
-    if isinstance(value, int):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, str, int)) or value is None:
         return value
     if hasattr(value, "item"):  # 0-d torch tensors and numpy scalars
         value = value.item()
-        if isinstance(value, int):
+        if isinstance(value, (bool, int)):
             return value
-    value = float(value)
-    return value if math.isfinite(value) else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics dict as {"semantic/mIoU": 61.2, "ema/semantic/mIoU": ...};
+    `per_class` tables are left out. NaN (or None, as metrics.json writes it) stays NaN."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key == "per_class":
+            continue
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+        elif value is None:
+            flat[f"{prefix}{key}"] = math.nan
+    return flat
 
 
 def write_metrics_json(metrics: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -139,7 +155,7 @@ def write_metrics_json(metrics: Mapping[str, Any], path: str | os.PathLike) -> N
     The text goes to a temporary file in the same directory, is fsynced, then renamed over
     `path`, so a reader never sees a half-written file.
     """
-    text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n"
     write_atomically(path, lambda f: f.write(text), binary=False)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from segtrain.metrics.base import Evaluator
+from segtrain.predictions import semantic_labels
 
 # Up to this many rows past the classes, ignore_index gets its own row of the bincount (one fused
 # pass); a farther or negative ignore_index is first remapped to row num_classes instead.
@@ -172,6 +173,11 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(kept.mean()) if kept.numel() else math.nan
 
 
+def _check_lengths(targets: Sequence[dict], predictions: Sequence[dict]) -> None:
+    if len(targets) != len(predictions):
+        raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions in a batch")
+
+
 class SemanticEvaluator(Evaluator):
     """Confusion-matrix evaluator for semantic segmentation; `compute()` -> `{"semantic": {...}}`.
 
@@ -215,11 +221,32 @@ class SemanticEvaluator(Evaluator):
             self._placed = True
         self.confusion += counts.to(self.confusion.device)
 
-    def process(self, batch: dict[str, Any], predictions: torch.Tensor) -> None:
-        """predictions: int (N, H, W) class ids; batch["semantic"]: int64 (N, H, W) targets."""
-        if "semantic" not in batch:
-            raise KeyError(f"batch has no 'semantic' target; its keys are {sorted(batch)}")
-        self.update(predictions, batch["semantic"])
+    def process(self, targets: Sequence[dict], predictions: Sequence[dict]) -> None:
+        """targets: per-image dicts with `semantic` int64 (H, W) (ignore_index for void);
+        predictions: per-image dicts with `sem_seg` (a label map or class scores, see
+        segtrain.predictions) of the same size."""
+        _check_lengths(targets, predictions)
+        by_shape: dict[tuple[int, ...], tuple[list, list]] = {}
+        for target, prediction in zip(targets, predictions):
+            if "semantic" not in target or "sem_seg" not in prediction:
+                raise KeyError(
+                    f"the semantic evaluator needs targets with 'semantic' and predictions with "
+                    f"'sem_seg'; got target keys {sorted(target)}, prediction keys {sorted(prediction)}"
+                )
+            labels = semantic_labels(prediction["sem_seg"])
+            truth = target["semantic"]
+            if labels.shape != truth.shape:
+                raise ValueError(
+                    f"image {target.get('image_id', '?')}: sem_seg is {tuple(labels.shape)} but the "
+                    f"target is {tuple(truth.shape)}; predictions are at the original image size, so "
+                    "evaluate without resizing transforms on the validation split"
+                )
+            preds, truths = by_shape.setdefault(tuple(truth.shape), ([], []))
+            preds.append(labels.to(truth.device))
+            truths.append(truth)
+        # One count per image size, not per image: on a GPU each count costs two host syncs.
+        for preds, truths in by_shape.values():
+            self.update(torch.stack(preds), torch.stack(truths))
 
     @property
     def confusion_matrix(self) -> torch.Tensor:
@@ -279,7 +306,7 @@ def score_semantic_dirs(
     PNG decoding and torch ops release the GIL. On a busy 2-core machine one thread was 8x
     slower than two: torch's intra-op threads stall when the other core is taken.
     """
-    from segtrain.data.image_io import read_label
+    from segtrain.data.codecs.image_io import read_label
 
     evaluator = SemanticEvaluator(num_classes, ignore_index, class_names)
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from torch.nn import functional as nnf
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from segtrain.data.meta import DatasetMeta, default_palette
+from segtrain.metrics.build import Evaluators, build_evaluators, check_evaluator_names
+from segtrain.utils.tensors import move_to
 
 # The loss dict of torchvision's Mask R-CNN in train mode.
 EVALUATORS = ("coco", "lvis")
@@ -30,8 +32,8 @@ class InstanceTask:
     """
 
     required_targets = ("boxes", "masks", "labels")  # target keys a dataset item must have
-    metric_families = ("segm", "bbox")
     primary_metric = "segm/AP"  # what trainer.best_metric=auto selects best.pt by
+    prediction_keys = ("instances",)  # what `predict` returns (segtrain.predictions)
 
     def __init__(
         self,
@@ -41,12 +43,14 @@ class InstanceTask:
         mask_threshold: float = 0.5,
         gt_json: str | None = None,
         evaluator: str = "coco",
+        evaluators: Sequence[str] | None = None,
     ) -> None:
         """`num_classes` counts the background; `meta` gives class names, colours and dataset
         category ids (generic names when None); `loss_weights` multiplies named parts of the
         model's loss dict (others weigh 1); `gt_json` is COCO-format ground truth for the
         evaluator (None: built from the batches' targets); `evaluator` is "coco" or "lvis" (LVIS's
-        federated rules, which need `gt_json`)."""
+        federated rules, which need `gt_json`); `evaluators` the evaluators to run (None: that
+        one)."""
         if isinstance(meta, Mapping):
             meta = DatasetMeta.from_dict(dict(meta))
         if meta is None:
@@ -71,14 +75,17 @@ class InstanceTask:
         self.loss_weights = {name: float(value) for name, value in weights.items()}
         self.mask_threshold, self.gt_json = float(mask_threshold), gt_json
         self.evaluator = evaluator
+        self.evaluators = check_evaluator_names(evaluators or (evaluator,), self.prediction_keys)
 
     # ------------------------------------------------------------------------------ batching
     def collate(self, samples: list[tuple[Any, dict]]) -> dict[str, Any]:
         """Lists, no padding: the model batches (and resizes) images itself."""
         images = [torch.as_tensor(image).as_subclass(torch.Tensor) for image, _ in samples]
         targets = [_plain(target) for _, target in samples]
-        return {"images": images, "targets": targets,
-                "train_targets": [self._training_target(t) for t in targets]}
+        batch = {"images": images, "targets": targets}
+        if all(k in t for t in targets for k in self.required_targets):  # not so for `predict`'s images
+            batch["train_targets"] = [self._training_target(t) for t in targets]
+        return batch
 
     def _training_target(self, target: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Non-crowd instances with a positive box size. torchvision's Mask R-CNN knows no crowd
@@ -100,21 +107,12 @@ class InstanceTask:
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """Every tensor moved once, even when `targets` and `train_targets` share it."""
-        non_blocking = device.type == "cuda"
-        moved: dict[int, torch.Tensor] = {}
+        return move_to(batch, device, non_blocking=device.type == "cuda")
 
-        def move(value: Any) -> Any:
-            if torch.is_tensor(value):
-                if id(value) not in moved:
-                    moved[id(value)] = value.to(device, non_blocking=non_blocking)
-                return moved[id(value)]
-            if isinstance(value, dict):
-                return {k: move(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [move(v) for v in value]
-            return value
-
-        return {key: move(value) for key, value in batch.items()}
+    @staticmethod
+    def images(batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Each image of a batch, uint8 (3, H, W) (for prediction writers)."""
+        return list(batch["images"])
 
     @staticmethod
     def batch_size(batch: dict[str, Any]) -> int:
@@ -136,17 +134,13 @@ class InstanceTask:
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
 
-    def predict(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
-        """Per image {"masks" bool (N, H, W) at the target's orig_size, "boxes" float32 (N, 4) XYXY
-        in orig_size pixels, "labels" int64 (N,), "scores" float32 (N,), "mask_boxes" int64 (N, 4)
-        x0, y0, x1, y1 (exclusive end) of each mask's pixels, (0, 0, 0, 0) when empty}, best score
-        first. The evaluators encode only inside the mask boxes."""
+    def predict(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per image {"instances": {"masks" bool (N, H, W) at the target's orig_size, "boxes"
+        float32 (N, 4) XYXY in orig_size pixels, "labels" int64 (N,), "scores" float32 (N,),
+        "mask_boxes" int64 (N, 4)}} (segtrain.predictions), best score first."""
         outputs = model(self.to_float(batch["images"]))
-        predictions = []
-        for image, target, output in zip(batch["images"], batch["targets"], outputs):
-            predictions.append(self._postprocess(output, tuple(image.shape[-2:]),
-                                                 _size(target, image)))
-        return predictions
+        return [{"instances": self._postprocess(output, tuple(image.shape[-2:]), _size(target, image))}
+                for image, target, output in zip(batch["images"], batch["targets"], outputs)]
 
     def _postprocess(self, output: dict[str, torch.Tensor], size: tuple[int, int],
                      orig: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -168,18 +162,11 @@ class InstanceTask:
         return {"masks": masks, "boxes": boxes, "labels": output["labels"].long(),
                 "scores": output["scores"].float(), "mask_boxes": tight_boxes(masks)}
 
-    def build_evaluator(self, output_dir: str | Path | None = None) -> Any:
-        """Mask and box AP/AR, areas from the masks (detectron2's convention); COCO's or LVIS's
-        rules. With `output_dir`, the detections are also written there as a standard results
-        JSON (`coco_instances_results.json` / `lvis_instances_results.json`)."""
-        # Imported here: pycocotools is heavy and only evaluation needs it.
-        if self.evaluator == "lvis":
-            from segtrain.metrics.lvis import LVISEvaluator as cls
-        else:
-            from segtrain.metrics.coco import COCOEvaluator as cls
-        results = Path(output_dir) / f"{self.evaluator}_instances_results.json" if output_dir else None
-        return cls(self.meta, gt=self.gt_json, iou_types=("segm", "bbox"), area_from="mask",
-                   results_path=results)
+    def build_evaluator(self, output_dir: str | Path | None = None) -> Evaluators:
+        """The configured evaluators (default: COCO's or LVIS's mask and box AP/AR, areas from the
+        masks as detectron2). With `output_dir`, the detections are also written there as a
+        standard results JSON (`coco_instances_results.json` / `lvis_instances_results.json`)."""
+        return build_evaluators(self.evaluators, self.meta, output_dir=output_dir, gt_json=self.gt_json)
 
     # -------------------------------------------------------------------------------- visuals
     def visualize(self, batch: dict[str, Any], predictions: list[dict[str, torch.Tensor]],
@@ -191,9 +178,10 @@ class InstanceTask:
             size = _size(target, image)
             image = nnf.interpolate(image[None].float(), size=size, mode="bilinear")[0].round().byte() \
                 if tuple(image.shape[-2:]) != size else image
-            keep = pred["scores"].cpu() >= _VIS_SCORE
-            drawn = self._draw(image, pred["masks"].cpu()[keep], pred["boxes"].cpu()[keep],
-                               pred["labels"].cpu()[keep])
+            instances = pred["instances"]
+            keep = instances["scores"].cpu() >= _VIS_SCORE
+            drawn = self._draw(image, instances["masks"].cpu()[keep], instances["boxes"].cpu()[keep],
+                               instances["labels"].cpu()[keep])
             truth = self._draw(image, target["masks"].cpu().bool(), target["boxes"].cpu().float(),
                                target["labels"].cpu())
             rows.append(torch.cat([image, drawn, truth], dim=2))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch.nn import functional as nnf
 from torchvision.utils import draw_segmentation_masks
 
 from segtrain.data.meta import DatasetMeta
+from segtrain.metrics.build import check_evaluator_names
 from segtrain.models.panoptic_fpn import SEMANTIC_LOSS
 from segtrain.tasks.instance import LOSS_NAMES, InstanceTask, _size
 
@@ -29,12 +29,14 @@ class PanopticTask(InstanceTask):
     """
 
     required_targets = ("boxes", "masks", "labels", "semantic", "panoptic", "segments")
-    metric_families = ("panoptic",)
     primary_metric = "panoptic/PQ"
+    prediction_keys = ("panoptic", "instances", "sem_seg")
+    default_evaluators = ("panoptic", "coco", "semantic")  # PQ, mask/box AP and mIoU in one pass
 
     def __init__(self, meta: DatasetMeta | Mapping[str, Any], loss_weights: Mapping[str, float] | None = None,
                  mask_threshold: float = 0.5, instance_score_thresh: float = 0.5,
-                 overlap_thresh: float = 0.5, stuff_area_thresh: int = 4096) -> None:
+                 overlap_thresh: float = 0.5, stuff_area_thresh: int = 4096,
+                 evaluators: Sequence[str] | None = None) -> None:
         if isinstance(meta, Mapping):
             meta = DatasetMeta.from_dict(dict(meta))
         if not meta.thing_ids or not meta.stuff_ids:
@@ -50,7 +52,8 @@ class PanopticTask(InstanceTask):
         for name, value in thresholds.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"task.{name}={value}; expected a value in [0, 1]")
-        self.meta = meta
+        self.meta, self.gt_json = meta, None
+        self.evaluators = check_evaluator_names(evaluators or self.default_evaluators, self.prediction_keys)
         self.num_classes = len(meta.thing_ids) + 1  # the detector's classes, background included
         self.loss_weights = {name: float(value) for name, value in weights.items()}
         self.mask_threshold, self.instance_score_thresh = float(mask_threshold), float(instance_score_thresh)
@@ -76,39 +79,46 @@ class PanopticTask(InstanceTask):
         return out
 
     def predict(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """Per image {"panoptic" int64 (H, W) segment ids at orig_size (0 = VOID), "segments":
-        {"ids" int64 (S,), "classes" int64 (S,) contiguous class ids, "scores" float32 (S,)
-        (1 for stuff)}}."""
+        """Per image, at its orig_size (segtrain.predictions): "instances" (the detector's, labels
+        1 + index in meta.thing_ids), "panoptic" int32 (H, W) segment ids (0 = VOID) with
+        "segments" [{id, category_id (contiguous), isthing, score (1 for stuff)}], and "sem_seg"
+        int64 (H, W): each segment's class, VOID pixels the best stuff class of the semantic branch.
+        """
         outputs = model(self.to_float(batch["images"]))
-        return [self._merge(output, _size(target, image))
-                for image, target, output in zip(batch["images"], batch["targets"], outputs)]
+        predictions = []
+        for image, target, output in zip(batch["images"], batch["targets"], outputs):
+            size = _size(target, image)
+            instances = self._postprocess(output, tuple(image.shape[-2:]), size)
+            logits = output["sem_seg"].float()
+            if tuple(logits.shape[-2:]) != size:  # the loader resized the image: back to its size
+                logits = nnf.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+            panoptic, segments = self._merge(instances, logits)
+            predictions.append({"instances": instances, "panoptic": panoptic, "segments": segments,
+                                "sem_seg": self._semantic(panoptic, segments, logits)})
+        return predictions
 
-    def _merge(self, output: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, Any]:
-        probs, logits = output["masks"].float()[:, 0], output["sem_seg"].float()
-        if tuple(logits.shape[-2:]) != size:  # the loader resized the image: back to its original size
-            logits = nnf.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
-            probs = (nnf.interpolate(probs[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                     if len(probs) else probs.new_zeros((0, *size)))
+    def _merge(self, instances: dict[str, torch.Tensor], logits: torch.Tensor
+               ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The segment-id map and segment list of one image (the merge in the class docstring)."""
         device = logits.device
-        panoptic = torch.zeros(size, dtype=torch.int64, device=device)
-        classes: list[torch.Tensor] = []
-        scores: list[float] = []
-        order = output["scores"].argsort(descending=True)
-        for i in order.tolist():
-            score = float(output["scores"][i])
+        panoptic = torch.zeros(logits.shape[-2:], dtype=torch.int32, device=device)
+        segments: list[dict[str, Any]] = []
+        scores = instances["scores"]
+        for i in scores.argsort(descending=True).tolist():
+            score = float(scores[i])
             if score < self.instance_score_thresh:
                 break
-            mask = probs[i] > self.mask_threshold
+            mask = instances["masks"][i]
             area = int(mask.sum())
             if area == 0:
                 continue
             taken = panoptic > 0
-            overlap = int((mask & taken).sum())
-            if overlap / area > self.overlap_thresh:
+            if int((mask & taken).sum()) / area > self.overlap_thresh:
                 continue
-            panoptic[mask & ~taken] = len(classes) + 1
-            classes.append(self._thing_classes.to(device)[output["labels"][i] - 1])
-            scores.append(score)
+            panoptic[mask & ~taken] = len(segments) + 1
+            category = int(self._thing_classes[int(instances["labels"][i]) - 1])
+            segments.append({"id": len(segments) + 1, "category_id": category, "isthing": True,
+                             "score": score})
         semantic = logits.argmax(dim=0)
         free = panoptic == 0
         for label in semantic.unique().tolist():
@@ -117,20 +127,20 @@ class PanopticTask(InstanceTask):
             mask = (semantic == label) & free
             if int(mask.sum()) < self.stuff_area_thresh:
                 continue
-            panoptic[mask] = len(classes) + 1
-            classes.append(self._stuff_classes.to(device)[label - 1])
-            scores.append(1.0)
-        ids = torch.arange(1, len(classes) + 1, device=device)
-        return {"panoptic": panoptic, "segments": {
-            "ids": ids, "classes": torch.stack(classes) if classes else ids.clone(),
-            "scores": torch.tensor(scores, dtype=torch.float32, device=device)}}
+            panoptic[mask] = len(segments) + 1
+            segments.append({"id": len(segments) + 1, "category_id": int(self._stuff_classes[label - 1]),
+                             "isthing": False, "score": 1.0})
+        return panoptic, segments
 
-    def build_evaluator(self, output_dir: str | Path | None = None) -> Any:
-        """PQ/SQ/RQ (all, things, stuff, per class); with `output_dir`, the predictions are also
-        written there in the COCO panoptic format (PNGs + JSON)."""
-        from segtrain.metrics.panoptic import PanopticEvaluator  # evaluation-only dependencies
-
-        return PanopticEvaluator(self.meta, output_dir=output_dir)
+    def _semantic(self, panoptic: torch.Tensor, segments: list[dict[str, Any]],
+                  logits: torch.Tensor) -> torch.Tensor:
+        """Class map int64 (H, W): segments' classes; VOID pixels take the best stuff class."""
+        stuff = self._stuff_classes.to(logits.device)
+        labels = stuff[logits[1:].argmax(dim=0)]
+        if segments:
+            lut = torch.tensor([0, *(s["category_id"] for s in segments)], device=logits.device)
+            labels = torch.where(panoptic > 0, lut[panoptic.long()], labels)
+        return labels
 
     def visualize(self, batch: dict[str, Any], predictions: list[dict[str, Any]],
                   max_images: int = 4) -> torch.Tensor:
@@ -141,7 +151,10 @@ class PanopticTask(InstanceTask):
             size = _size(target, image)
             if tuple(image.shape[-2:]) != size:
                 image = nnf.interpolate(image[None].float(), size=size, mode="bilinear")[0].round().byte()
-            drawn = self._draw_segments(image, pred["panoptic"].cpu(), pred["segments"])
+            segments = pred["segments"]
+            drawn = self._draw_segments(image, pred["panoptic"].cpu(), {
+                "ids": torch.tensor([int(seg["id"]) for seg in segments], dtype=torch.int64),
+                "classes": torch.tensor([int(seg["category_id"]) for seg in segments], dtype=torch.int64)})
             truth = self._draw_segments(image, target["panoptic"].cpu(), target["segments"])
             rows.append(torch.cat([image, drawn, truth], dim=2))
         width = max(row.shape[2] for row in rows)

@@ -8,20 +8,29 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as nnf
 
-from segtrain.metrics.semantic import SemanticEvaluator
+from segtrain.data.meta import DatasetMeta, default_palette
+from segtrain.metrics.build import Evaluators, build_evaluators, check_evaluator_names
+from segtrain.predictions import semantic_labels
+from segtrain.utils.tensors import move_to
 
 
 class SemanticTask:
     """Everything the Trainer must not know about semantic segmentation.
 
-    A batch is a dict: `images` uint8 (N, 3, H, W), `semantic` int64 (N, H, W) with
-    `ignore_index` for void, `image_ids` list[int], `orig_sizes` int64 (N, 2).
+    A batch is a dict: `images` uint8 (N, 3, H, W) and `semantic` int64 (N, H, W) (ignore_index
+    for void and padding), both padded to the largest image; `sizes` each image's (H, W) before
+    padding; `orig_sizes` int64 (N, 2); `image_ids` list[int]; `targets` the per-image target
+    dicts the evaluators read (`semantic` a view of the unpadded part, plus the dataset's
+    image_id, orig_size, file_name).
     """
 
     required_targets = ("semantic",)  # target keys a dataset item must have
     metric_families = ("semantic",)
     primary_metric = "semantic/mIoU"  # what trainer.best_metric=auto selects best.pt by
+    default_evaluators = ("semantic",)
+    prediction_keys = ("sem_seg",)  # what `predict` returns (segtrain.predictions)
 
     def __init__(
         self,
@@ -35,7 +44,11 @@ class SemanticTask:
         inference: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         palette: list[Sequence[int]] | None = None,
+        meta: DatasetMeta | None = None,
+        evaluators: Sequence[str] | None = None,
     ) -> None:
+        """`meta` names the classes (else `class_names`/`palette`, else generic names);
+        `evaluators` the evaluators to run (None: `default_evaluators`)."""
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.loss, self.aux_weight = loss, aux_weight
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -51,11 +64,24 @@ class SemanticTask:
             )
         if self.inference_mode == "slide" and self.crop_size is None:
             raise ValueError("task.inference.mode=slide needs task.inference.crop_size=[h,w]")
-        self.class_names, self.palette = class_names, palette
+        if meta is None:
+            names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+            meta = DatasetMeta(names, list(palette) if palette is not None else default_palette(len(names)),
+                               ignore_index, stuff_ids=list(range(len(names))))
+        if meta.num_classes != num_classes:
+            raise ValueError(f"task.num_classes={num_classes} but the dataset metadata names "
+                             f"{meta.num_classes} classes ({meta.classes[:4]}...); they must agree")
+        self.meta = meta
+        self.class_names, self.palette = meta.classes, palette if palette is not None else meta.palette
+        self.evaluators = check_evaluator_names(evaluators or self.default_evaluators,
+                                                self.prediction_keys)
 
     # ------------------------------------------------------------------------------ batching
     def collate(self, samples: list[tuple[Any, dict]]) -> dict[str, Any]:
-        """Stack samples, padding to the largest size (image with 0, mask with ignore_index)."""
+        """Stack samples, padding to the largest size (image with 0, mask with ignore_index).
+
+        Samples without a `semantic` target (new images for `predict`) get ignore everywhere.
+        """
         height = max(image.shape[-2] for image, _ in samples)
         width = max(image.shape[-1] for image, _ in samples)
         images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
@@ -63,13 +89,19 @@ class SemanticTask:
         for i, (image, target) in enumerate(samples):
             h, w = image.shape[-2:]
             images[i, :, :h, :w] = image
-            semantic[i, :h, :w] = self._checked_labels(target)
-        return {
+            if "semantic" in target:
+                semantic[i, :h, :w] = self._checked_labels(target)
+        batch = {
             "images": images,
             "semantic": semantic,
+            "sizes": [(int(image.shape[-2]), int(image.shape[-1])) for image, _ in samples],
             "image_ids": [int(t["image_id"]) for _, t in samples],
             "orig_sizes": torch.stack([torch.as_tensor(t["orig_size"]) for _, t in samples]),
+            "info": [{k: v for k, v in t.items() if k != "semantic"} for _, t in samples],
+            "labelled": ["semantic" in t for _, t in samples],
         }
+        batch["targets"] = _per_image_targets(batch)
+        return batch
 
     def _checked_labels(self, target: dict) -> torch.Tensor:
         """The target's label map; values outside [0, C) other than ignore_index are an error.
@@ -88,11 +120,16 @@ class SemanticTask:
         return labels
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        non_blocking = device.type == "cuda"
-        return {
-            k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
+        """Tensors moved; `targets` rebuilt as views of the moved label maps."""
+        moved = move_to({k: v for k, v in batch.items() if k != "targets"}, device,
+                        non_blocking=device.type == "cuda")
+        if "info" in moved:
+            moved["targets"] = _per_image_targets(moved)
+        return moved
+
+    def images(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Each image of a batch, uint8 (3, H, W), without its padding (for prediction writers)."""
+        return [image[:, :height, :width] for image, (height, width) in zip(batch["images"], batch["sizes"])]
 
     @staticmethod
     def batch_size(batch: dict[str, Any]) -> int:
@@ -150,27 +187,45 @@ class SemanticTask:
                 counts[:, :, y1:y2, x1:x2] += 1
         return scores / counts
 
-    def predict(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """Predicted classes, int64 (N, H, W) at the batch's (padded) size."""
-        return self.logits(model, self.normalize(batch["images"])).argmax(dim=1)
+    def predict(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Per image {"sem_seg": int64 (H, W) class ids at its original size} (the format of
+        segtrain.predictions: a label map rather than scores keeps memory bounded)."""
+        logits = self.logits(model, self.normalize(batch["images"]))
+        predictions = []
+        for i, (height, width) in enumerate(batch["sizes"]):
+            scores = logits[i, :, :height, :width]
+            orig = (int(batch["orig_sizes"][i][0]), int(batch["orig_sizes"][i][1]))
+            if (height, width) != orig:  # the loader resized the image: back to its original size
+                scores = nnf.interpolate(scores[None], size=orig, mode="bilinear",
+                                         align_corners=False)[0]
+            predictions.append({"sem_seg": scores.argmax(dim=0)})
+        return predictions
 
-    def build_evaluator(self, output_dir: str | Path | None = None) -> SemanticEvaluator:
-        """The confusion-matrix evaluator; it writes no per-sample files, so `output_dir` is unused."""
-        return SemanticEvaluator(self.num_classes, self.ignore_index, self.class_names)
+    def build_evaluator(self, output_dir: str | Path | None = None) -> Evaluators:
+        """The configured evaluators (default: the confusion-matrix mIoU evaluator)."""
+        return build_evaluators(self.evaluators, self.meta, output_dir=output_dir)
 
     # -------------------------------------------------------------------------------- visuals
     def visualize(
-        self, batch: dict[str, Any], predictions: torch.Tensor, max_images: int = 4
+        self, batch: dict[str, Any], predictions: list[dict[str, torch.Tensor]], max_images: int = 4
     ) -> torch.Tensor:
         """uint8 (3, rows*H, 3*W) grid: image | prediction overlay | ground-truth overlay."""
         palette = self._palette_tensor()
         rows = []
-        for i in range(min(max_images, predictions.shape[0])):
-            image = batch["images"][i].cpu()
-            truth = batch["semantic"][i].cpu()
-            rows.append(torch.cat([image, _overlay(image, predictions[i].cpu(), palette),
+        for i in range(min(max_images, len(predictions))):
+            height, width = batch["sizes"][i]
+            image = batch["images"][i, :, :height, :width].cpu()
+            truth = batch["semantic"][i, :height, :width].cpu()
+            labels = semantic_labels(predictions[i]["sem_seg"]).cpu()
+            if tuple(labels.shape) != (height, width):
+                labels = nnf.interpolate(labels[None, None].float(), size=(height, width),
+                                         mode="nearest")[0, 0].long()
+            rows.append(torch.cat([image, _overlay(image, labels, palette),
                                    _overlay(image, truth, palette)], dim=2))
-        return torch.cat(rows, dim=1)
+        height = max(row.shape[1] for row in rows)
+        width = max(row.shape[2] for row in rows)
+        return torch.cat([nnf.pad(row, (0, width - row.shape[2], 0, height - row.shape[1]))
+                          for row in rows], dim=1)
 
     def _palette_tensor(self) -> torch.Tensor:
         if self.palette is not None:
@@ -187,6 +242,18 @@ def _overlay(image: torch.Tensor, labels: torch.Tensor, palette: torch.Tensor) -
     colour = palette[labels.clamp(max=palette.shape[0] - 1)].permute(2, 0, 1).float()
     blended = torch.where(valid, 0.5 * image.float() + 0.5 * colour, image.float())
     return blended.round().to(torch.uint8)
+
+
+def _per_image_targets(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each image's target dict; `semantic` is a view of its unpadded part of the batch's map."""
+    targets = []
+    for info, (height, width), labelled, labels in zip(batch["info"], batch["sizes"],
+                                                       batch["labelled"], batch["semantic"]):
+        target = dict(info)
+        if labelled:
+            target["semantic"] = labels[:height, :width]
+        targets.append(target)
+    return targets
 
 
 def _pair(value: Any) -> tuple[int, int] | None:

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segtrain.data.coco_masks import decode_masks
-from segtrain.data.image_io import read_image
+from segtrain.data.codecs.coco_masks import decode_masks
+from segtrain.data.codecs.image_io import read_image
 from segtrain.data.meta import DatasetMeta, default_palette
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segtrain.data.image_io import read_image, read_label
-from segtrain.data.label_scan import LabelProblem, LabelRules, diagnose, is_corrupt, scan_masks
+from segtrain.data.codecs.image_io import read_image, read_label
+from segtrain.data.datasets.label_scan import LabelProblem, LabelRules, diagnose, is_corrupt, scan_masks
 from segtrain.data.meta import DatasetMeta, default_palette
 from segtrain.utils.distributed import is_main_process
 

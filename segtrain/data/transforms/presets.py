@@ -18,9 +18,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from segtrain.data.panoptic import PanopticMap, masks_to_boxes
-from segtrain.data.photometric import PhotoMetricDistortion
-from segtrain.data.window_resize import nearest_indices, resize_window, take_window
+from segtrain.data.datasets.panoptic import PanopticMap, masks_to_boxes
+from segtrain.data.transforms.photometric import PhotoMetricDistortion
+from segtrain.data.transforms.window_resize import nearest_indices, resize_window, take_window
 
 __all__ = [
     "PadToMultiple", "PadToSize", "PanopticMap", "PhotoMetricDistortion", "RandomCrop", "RandomResize",

@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segtrain.data.image_io import read_image, read_label
-from segtrain.data.layout import check_same_size, int64_semantic, require_root, semantic_target
+from segtrain.data.codecs.image_io import read_image, read_label
+from segtrain.data.datasets.layout import check_same_size, int64_semantic, require_root, semantic_target
+from segtrain.data.datasets.panoptic import masks_to_boxes
 from segtrain.data.meta import DatasetMeta
-from segtrain.data.panoptic import masks_to_boxes
 
 IGNORE_INDEX = 255
 

@@ -11,11 +11,17 @@ from typing import Any
 import torch
 from torchvision import tv_tensors
 
-from segtrain.data.image_io import read_image, read_label
-from segtrain.data.layout import check_same_size
+from segtrain.data.codecs.image_io import read_image, read_label
+from segtrain.data.datasets.layout import check_same_size
+from segtrain.data.datasets.panoptic import masks_to_boxes
+from segtrain.data.datasets.voc import (
+    IGNORE_INDEX,
+    VOC_CLASSES,
+    VOCSegmentation,
+    check_class_values,
+    voc_meta,
+)
 from segtrain.data.meta import DatasetMeta
-from segtrain.data.panoptic import masks_to_boxes
-from segtrain.data.voc import IGNORE_INDEX, VOC_CLASSES, VOCSegmentation, check_class_values, voc_meta
 
 
 def voc_instance_meta() -> DatasetMeta:

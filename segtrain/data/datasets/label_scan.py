@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segtrain.data.image_io import CorruptImageError
+from segtrain.data.codecs.image_io import CorruptImageError
 from segtrain.utils.files import write_atomically
 
 log = logging.getLogger(__name__)

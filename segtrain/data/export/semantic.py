@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segtrain.data.image_io import write_label
+from segtrain.data.codecs.image_io import write_label
 from segtrain.data.meta import DatasetMeta
 
 # VOC's colour for void pixels in its palette PNGs.
@@ -28,7 +28,7 @@ def export_semantic(dataset: Dataset, out_dir: str | os.PathLike) -> list[str]:
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "labels").mkdir(parents=True, exist_ok=True)
-    palette = _label_palette(getattr(dataset, "meta", None))
+    palette = label_palette(getattr(dataset, "meta", None))
     stems = []
     for index in range(len(dataset)):
         image, target = dataset[index]
@@ -40,7 +40,8 @@ def export_semantic(dataset: Dataset, out_dir: str | os.PathLike) -> list[str]:
     return stems
 
 
-def _label_palette(meta: DatasetMeta | None) -> list[tuple[int, int, int]] | None:
+def label_palette(meta: DatasetMeta | None) -> list[tuple[int, int, int]] | None:
+    """The colours of a label PNG: the classes' palette, VOC's void colour at `ignore_index`."""
     if meta is None:
         return None
     palette = list(meta.palette)[:256]

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segtrain.data.image_io import read_image, read_label
-from segtrain.data.layout import check_same_size, require_root, semantic_target
+from segtrain.data.codecs.image_io import read_image, read_label
+from segtrain.data.datasets.layout import check_same_size, require_root, semantic_target
 from segtrain.data.meta import DatasetMeta, default_palette
 
 VOC_CLASSES = (

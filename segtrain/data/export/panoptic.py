@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segtrain.data.export import items_with_unique_ids
+from segtrain.data.datasets.panoptic import id_to_rgb, masks_to_boxes, segment_index
+from segtrain.data.export.semantic import items_with_unique_ids
 from segtrain.data.meta import DatasetMeta
-from segtrain.data.panoptic import id_to_rgb, masks_to_boxes, segment_index
 
 
 def write_coco_panoptic(dataset: Dataset, out_dir: str | os.PathLike, split: str = "val") -> Path:

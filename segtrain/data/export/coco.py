@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from segtrain.data.export import items_with_unique_ids
+from segtrain.data.export.semantic import items_with_unique_ids
 
 
 def write_coco_instances(dataset: Dataset, out_dir: str | os.PathLike, split: str = "val") -> Path:

@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from segtrain.data.datasets.panoptic import masks_to_boxes, panoptic_targets
+from segtrain.data.datasets.synthetic_shapes import SHAPE_FNS, class_hues, hsv_to_rgb, outline_band
 from segtrain.data.meta import DatasetMeta, default_palette
-from segtrain.data.panoptic import masks_to_boxes, panoptic_targets
-from segtrain.data.synthetic_shapes import SHAPE_FNS, class_hues, hsv_to_rgb, outline_band
 
 Tensor = torch.Tensor
 
@@ -62,7 +62,7 @@ class SyntheticDataset(Dataset):
     background is split into up to 3 Voronoi-like regions, each of a stuff class with its own
     colour and texture (STUFF: sky, grass, water, ...). Contiguous classes are the stuff classes
     first, then `num_classes - stuff_classes` shape kinds (things); `meta.category_ids` are
-    1..num_classes. Targets follow `segtrain.data.panoptic.panoptic_targets`: `panoptic` (H, W)
+    1..num_classes. Targets follow `segtrain.data.datasets.panoptic.panoptic_targets`: `panoptic` (H, W)
     segment ids (category_id * 1000 + n, n counting that category's segments from 0; 0 =
     VOID), `segments`, and `semantic`, `masks`, `labels` (shape kind = 1 + index into
     `meta.thing_ids`), `boxes`, `iscrowd` derived from them. With probability `crowd_prob` an

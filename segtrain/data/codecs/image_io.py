@@ -10,15 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import io as tvio
 from torchvision import tv_tensors
+
+from segtrain.utils.files import write_atomically
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_GRAY, _PNG_PALETTE = 0, 3
 # torchvision decodes these natively (JPEG ~1.5x, PNG ~1.2x faster than PIL, measured);
 # anything else (BMP, TIFF, ...) goes through PIL.
 _TV_FORMATS = (_PNG_SIGNATURE, b"\xff\xd8\xff", b"GIF8", b"RIFF")
+# Those whose EXIF orientation torchvision applies (not WebP's): the others go through PIL then.
+_TV_EXIF_FORMATS = _TV_FORMATS[:2]
 # torchvision 0.29 deprecates its image codecs (every call warns); while they exist they are the
 # faster path, and once they are gone PIL takes over.
 _TV_CODECS = hasattr(tvio, "decode_image") and hasattr(tvio, "decode_png")
@@ -27,6 +31,7 @@ warnings.filterwarnings(
     category=DeprecationWarning,
 )
 _PIL_INDEX_MODES = ("P", "L", "I;16", "I;16B", "I;16L", "I", "1")
+_PIL_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # "I": PIL's mode for some 16-bit files
 
 
 class CorruptImageError(ValueError):
@@ -41,8 +46,13 @@ class CorruptImageError(ValueError):
         self.path = Path(path) if path is not None else None
 
 
-def read_image(path: str | os.PathLike) -> tv_tensors.Image:
-    """Decode an image file to RGB: uint8 (3, H, W); grayscale, palette and alpha become RGB.
+def read_image(path: str | os.PathLike, exif_orientation: bool = False) -> tv_tensors.Image:
+    """Decode an image file to RGB: uint8 (3, H, W); grayscale, palette and alpha become RGB,
+    16-bit values are scaled to 8 bits (value >> 8).
+
+    exif_orientation: turn the pixels as the file's EXIF Orientation tag says, i.e. as image
+    viewers show the picture (`segtrain predict`). Off by default: datasets' annotations refer to
+    the stored pixel order, which is what training reads.
 
     Raises FileNotFoundError for a missing file and CorruptImageError for one that does not
     decode (truncated, empty, not an image).
@@ -50,15 +60,17 @@ def read_image(path: str | os.PathLike) -> tv_tensors.Image:
     path = Path(path)
     data = _read_bytes(path, "image")
     try:
-        if _TV_CODECS and data.startswith(_TV_FORMATS):
+        tv_decodes = data.startswith(_TV_EXIF_FORMATS if exif_orientation else _TV_FORMATS)
+        if _TV_CODECS and tv_decodes:
             image = tvio.decode_image(
-                torch.frombuffer(data, dtype=torch.uint8), mode=tvio.ImageReadMode.RGB
+                torch.frombuffer(data, dtype=torch.uint8), mode=tvio.ImageReadMode.RGB,
+                apply_exif_orientation=exif_orientation,
             )
             if image.dtype != torch.uint8:  # 16-bit PNG
                 image = (image.to(torch.int32) >> 8).to(torch.uint8)
         else:
             with Image.open(io.BytesIO(data)) as pil:
-                image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+                image = _pil_rgb(ImageOps.exif_transpose(pil) if exif_orientation else pil)
     # Decoders raise a zoo of types (RuntimeError, OSError, SyntaxError, zlib.error, ...);
     # each of them means the same thing to the caller.
     except Exception as err:
@@ -103,12 +115,13 @@ def write_label(
     path: str | os.PathLike,
     label: torch.Tensor | np.ndarray,
     palette: Sequence[Sequence[int]] | None = None,
+    atomic: bool = False,
 ) -> None:
     """Write an (H, W) label map of ints in 0..255 as an 8-bit PNG.
 
     With `palette` (up to 256 RGB colours, the rest black) the PNG is a palette PNG whose
     indices are the labels, as VOC stores them; otherwise a grayscale PNG. Parent directories
-    are created.
+    are created. atomic: through a temporary file renamed over `path` (`write_atomically`).
     """
     path = Path(path)
     label = torch.as_tensor(label)
@@ -126,8 +139,20 @@ def write_label(
     image = Image.fromarray(label.to(torch.uint8).cpu().numpy())  # mode "L"
     if palette is not None:
         image.putpalette(_flat_palette(palette, path))  # turns the image into mode "P"
+    if atomic:
+        write_atomically(path, lambda f: image.save(f, format="PNG"), binary=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
+
+
+def _pil_rgb(pil: Image.Image) -> torch.Tensor:
+    """uint8 (3, H, W) of a PIL image; 16-bit grayscale scaled as the PNG path does (PIL's own
+    conversion would clip every value above 255 to white)."""
+    if pil.mode in _PIL_16_BIT_MODES:
+        grey = (np.array(pil).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return torch.from_numpy(grey).expand(3, *grey.shape).contiguous()
+    return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
 
 
 def _read_bytes(path: Path, what: str) -> bytearray:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segtrain.data.image_io import read_image
+from segtrain.data.codecs.image_io import read_image
 from segtrain.data.meta import DatasetMeta, default_palette
 
 Tensor = torch.Tensor

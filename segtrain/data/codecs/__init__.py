@@ -1,0 +1,1 @@
+"""Decoding images, label maps and COCO masks from files."""

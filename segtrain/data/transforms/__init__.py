@@ -1,0 +1,1 @@
+"""Joint image/target transforms (torchvision v2) and the presets built from YAML."""
