@@ -94,7 +94,10 @@ def bare_loop(name: str, ckpt: str, images: str, out: str, batch: int, device_na
     out_dir.mkdir(parents=True, exist_ok=True)
     mean = torch.tensor([123.675, 116.28, 103.53], device=device).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375], device=device).view(1, 3, 1, 1)
-    palette = [c for colour in meta["palette"] for c in colour]
+    # VOC's label PNG palette: the class colours, VOC's void colour at 255 (an 8-bit palette PNG).
+    colours = [tuple(c) for c in meta["palette"]]
+    colours += [(0, 0, 0)] * (255 - len(colours)) + [(224, 224, 192)]
+    palette = [c for colour in colours for c in colour]
     results = []
     start = time.perf_counter()
     with torch.no_grad():
@@ -125,6 +128,19 @@ def bare_loop(name: str, ckpt: str, images: str, out: str, batch: int, device_na
     if not semantic:
         (out_dir / "results.json").write_text(json.dumps(results))
     return time.perf_counter() - start
+
+
+def check_same_outputs(name: str, bare: Path, predicted: Path) -> None:
+    """The two loops wrote the same label PNGs (byte for byte) / the same number of detections."""
+    if name == "unet":
+        pngs = sorted(p.name for p in bare.glob("*.png"))
+        same = pngs == sorted(p.name for p in (predicted / "semantic").glob("*.png")) and all(
+            (bare / n).read_bytes() == (predicted / "semantic" / n).read_bytes() for n in pngs)
+    else:
+        found = len(json.loads((bare / "results.json").read_text()))
+        same = found == len(json.loads((predicted / "instances.json").read_text())["annotations"])
+    if not same:
+        raise RuntimeError(f"{name}: the bare loop and segtrain predict wrote different outputs")
 
 
 def _model(ckpt: dict, device):
@@ -168,6 +184,7 @@ def main() -> None:
                 times["bare"].append(run_bare(name, ckpt, images, work / f"bare_{name}_{r}", args))
                 times["w0"].append(run_predict(ckpt, images, work / f"w0_{name}_{r}", 0, args))
                 times["w2"].append(run_predict(ckpt, images, work / f"w2_{name}_{r}", 2, args))
+            check_same_outputs(name, work / f"bare_{name}_0", work / f"w0_{name}_0")
             rate = {key: args.images / statistics.median(values) for key, values in times.items()}
             print(f"{name:<16}{rate['bare']:>12.1f}{rate['w0']:>13.1f}{rate['w0'] / rate['bare']:>8.3f}"
                   f"{rate['w2']:>13.1f}{rate['w2'] / rate['bare']:>8.3f}")

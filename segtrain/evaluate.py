@@ -49,10 +49,15 @@ def evaluate(cfg: DictConfig) -> dict:
     log.info("evaluating %s on %d images (device %s)", ckpt_path, len(val_set), loaded.device)
     # Under torchrun each rank evaluates its share of the data; every rank gets the output
     # directory (per-image files are written by their rank, whole-set files by rank 0).
-    metrics, _ = evaluate_model(
-        loaded.model, task, loader, task.build_evaluator(metrics_path.parent), loaded.device,
-        run_cfg.trainer.precision, progress=None if is_main_process() else False, consumers=consumers,
-    )
+    try:
+        metrics, _ = evaluate_model(
+            loaded.model, task, loader, task.build_evaluator(metrics_path.parent), loaded.device,
+            run_cfg.trainer.precision, progress=None if is_main_process() else False, consumers=consumers,
+        )
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # stop its write thread; the files written so far stay
+        raise
     if writer is not None:
         writer.close()  # on every rank: the JSON records are gathered
         log.info("predictions written to %s", metrics_path.parent / PREDICTIONS_DIR)
