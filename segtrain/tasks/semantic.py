@@ -27,7 +27,6 @@ class SemanticTask:
     """
 
     required_targets = ("semantic",)  # target keys a dataset item must have
-    metric_families = ("semantic",)
     primary_metric = "semantic/mIoU"  # what trainer.best_metric=auto selects best.pt by
     default_evaluators = ("semantic",)
     prediction_keys = ("sem_seg",)  # what `predict` returns (segtrain.predictions)
