@@ -42,7 +42,7 @@ def _torchvision_weights(spec: str):
 
 
 def resolve_weights(spec: str, option: str = "model.weights") -> Path:
-    """The local file for `spec`: a path to a `.pth`/`.pt` file, or a torchvision weights name
+    """The local file for `spec`: a path to a `.pth`/`.pt`/`.safetensors` file, or a torchvision weights name
     (e.g. "ResNet50_Weights.IMAGENET1K_V1") looked up in the torch hub cache. Never downloads.
 
     `option` is the config key the spec came from, used in error messages only.
@@ -78,6 +78,8 @@ def load_state_dict_from_spec(spec: str, option: str = "model.weights") -> dict[
     "state_dict"; a "module." prefix left by DistributedDataParallel is stripped.
     """
     path = resolve_weights(spec, option)
+    if path.suffix == ".safetensors":  # timm's and Hugging Face's format: tensors only, no pickle
+        return _load_safetensors(path, option)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for non-torch or unsafe pickles
@@ -88,6 +90,18 @@ def load_state_dict_from_spec(spec: str, option: str = "model.weights") -> dict[
     if state_dict and all(key.startswith("module.") for key in state_dict):
         state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
     return dict(state_dict)
+
+
+def _load_safetensors(path: Path, option: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise ValueError(f"{option}: {path} is a .safetensors file; reading it needs the safetensors "
+                         "package (pip install 'segtrain[timm]')") from err
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{option}: cannot read {path} as a safetensors file: {err}") from err
 
 
 def _unwrap(obj: object, path: Path, option: str) -> Mapping[str, torch.Tensor]:

@@ -15,6 +15,13 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+# Parameters that are tables of positions rather than weights (Swin's relative position bias,
+# ViT-style absolute embeddings and class tokens): decaying them erases what they encode, so
+# they are treated as norms (Swin's and MMSegmentation's recipes set their decay to 0).
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token",
+                  "position_embedding", "logit_scale")
+
+
 def build_param_groups(
     model: nn.Module,
     lr: float,
@@ -27,7 +34,8 @@ def build_param_groups(
     """Split the trainable parameters of `model` into optimizer groups.
 
     A parameter whose qualified name starts with `backbone_prefix` gets `lr * backbone_lr_mult`,
-    any other `lr`. Parameters of normalisation layers get `norm_weight_decay`, other biases
+    any other `lr`. Parameters of normalisation layers and position tables (NO_DECAY_NAMES) get
+    `norm_weight_decay`, other biases
     `bias_weight_decay` (None = `norm_weight_decay`), everything else `weight_decay`. Frozen
     parameters are left out, as are empty groups; a shared parameter goes in one group only.
     Each group is `{"name": "<backbone|head>.<decay|norm|bias>", "params", "lr",
@@ -53,7 +61,7 @@ def build_param_groups(
             seen.add(id(param))
             name = f"{module_name}.{param_name}" if module_name else param_name
             part = "backbone" if name.startswith(backbone_prefix) else "head"
-            if isinstance(module, NORM_TYPES):
+            if isinstance(module, NORM_TYPES) or param_name in NO_DECAY_NAMES:
                 kind = "norm"
             elif param_name == "bias":
                 kind = "bias"
