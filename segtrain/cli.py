@@ -26,6 +26,9 @@ COMMANDS = {
              "task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
     "data": "inspect a dataset: data check dataset=NAME [dataset.root=DIR] [n=100] (layout, labels, sizes);\n"
             "data show dataset=NAME [n=16] [split=train] [output=grid.png] (a grid PNG)",
+    "model-info": "parameters, FLOPs and latency of a model config: model-info model=NAME\n"
+                  "[model.backbone=NAME] [input_size=512|[H,W]] [device=auto] [batch_size=1] [runs=10]\n"
+                  "[dataset=NAME (class counts)] [output=info.json]",
     "summarize": "the table of a sweep: summarize SWEEP_DIR [sort=METRIC] [order=desc|asc]",
 }
 DATA_ACTIONS = ("check", "show")
@@ -154,7 +157,15 @@ def data_app(cfg: DictConfig) -> None:
     _run_guarded(data, cfg)
 
 
-APPS = {"train": train_app, "eval": eval_app, "predict": predict_app, "score": score_app, "data": data_app}
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="model_info")
+def model_info_app(cfg: DictConfig) -> None:
+    from segtrain.model_info import model_info
+
+    _run_guarded(model_info, cfg)
+
+
+APPS = {"train": train_app, "eval": eval_app, "predict": predict_app, "score": score_app, "data": data_app,
+        "model-info": model_info_app}
 
 
 def _data_action(rest: list[str]) -> list[str] | None:

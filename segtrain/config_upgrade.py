@@ -33,9 +33,18 @@ MOVED_MODULES = {
     "segtrain.data.panoptic_export": "segtrain.data.export.panoptic",
 }
 
+# old callable -> new callable taking the same keywords (issue 15: the U-Net config targets a
+# builder that returns the same UNet when model.backbone is null)
+RENAMED_TARGETS = {
+    "segtrain.models.unet.UNet": "segtrain.models.unet.build_unet",
+}
+
 
 def upgrade_target(target: str) -> str:
-    """`target` with its module renamed when it lies in a moved module (exact module match)."""
+    """`target` renamed when the callable itself was replaced, or when it lies in a moved module
+    (exact module match)."""
+    if target in RENAMED_TARGETS:
+        return RENAMED_TARGETS[target]
     module, _, name = target.rpartition(".")
     return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else target
 

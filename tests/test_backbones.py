@@ -173,3 +173,15 @@ def test_bf16_autocast_on_cpu_matches_fp32():
     for a, b in zip(low, ref):
         assert torch.isfinite(a).all()
         assert (a.float() - b).abs().mean() < 0.05 * b.abs().mean()
+
+
+@pytest.mark.parametrize("name", ["swin_t", "convnext_tiny"])
+def test_drop_path_rate_grows_linearly_to_the_given_rate(name):
+    from torchvision.ops import StochasticDepth
+
+    backbone = build_backbone(name, drop_path_rate=0.3)
+    rates = [m.p for m in backbone.modules() if isinstance(m, StochasticDepth)]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3)
+    assert rates == sorted(rates)
+    with pytest.raises(ValueError, match="no stochastic depth"):
+        build_backbone("resnet18", drop_path_rate=0.1)

@@ -329,7 +329,8 @@ def test_eval_overrides_are_merged_and_resolved(stored_config):
     (["mypkg.*"], "mypkg..MyNet", False),
     (["mypkg.*"], "mypkg.MyNet ", False),
     ("mypkg.MyNet", "mypkg.MyNet", True),
-    (None, UNET, True),
+    (None, "segtrain.models.unet.build_unet", True),
+    (None, UNET, False),  # conf/ now names the builder; old checkpoints are upgraded to it
     ([], "torch.optim.SGD", True),
     ([], "torch.optim.Adam", False),  # torch.* is not a prefix: only what conf/ names
 ])
@@ -415,7 +416,9 @@ def test_crafted_checkpoints_run_nothing_through_the_cli(kind, command, trained,
     assert not Path(marker).exists()
 
 
-OWN_MODEL = "from segtrain.models.unet import UNet\n\n\nclass MyNet(UNet):\n    pass\n"
+# A user's model taking every key of conf/model/unet.yaml.
+OWN_MODEL = ("from segtrain.models.unet import build_unet\n\n\n"
+             "def MyNet(**kwargs):\n    return build_unet(**kwargs)\n")
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ def test_eval_of_a_checkpoint_with_another_class_count_is_a_clear_error(trained_
 def test_eval_refuses_a_checkpoint_that_names_foreign_code(trained_run, tmp_path):
     _, run_dir, _ = trained_run
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    ckpt["config"] = ckpt["config"].replace("segtrain.models.unet.UNet", "os.system")
+    ckpt["config"] = ckpt["config"].replace("segtrain.models.unet.build_unet", "os.system")
     save_checkpoint(ckpt, tmp_path / "evil.pt")
     result = run_cli("eval", f"ckpt={tmp_path / 'evil.pt'}", cwd=tmp_path)
     assert result.returncode == 1
@@ -177,7 +177,7 @@ def test_bf16_autocast_channels_last_run_on_cpu(tmp_path):
 def test_installed_configs_resolve_outside_the_checkout(tmp_path):
     result = run_cli("train", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "segtrain.models.unet.UNet" in result.stdout
+    assert "segtrain.models.unet.build_unet" in result.stdout
     assert str(ROOT) not in result.stdout
 
 

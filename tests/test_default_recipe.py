@@ -17,7 +17,7 @@ MEASURED_RECIPE = {
     "dataset.num_classes": 6,
     "dataset.train.image_size": 128,
     "dataset.train.num_samples": 4096,
-    "model._target_": "segtrain.models.unet.UNet",
+    "model._target_": "segtrain.models.unet.build_unet",
     "model.base_channels": 16,
     "model.depth": 4,
     "model.norm": "bn",

@@ -51,7 +51,9 @@ def _lraspp(num_classes: int = 21, **kwargs) -> torch.nn.Module:
 def test_every_torchvision_builder_has_a_config():
     from segtrain.models.torchvision_seg import MODELS
 
-    assert {path.stem for path in MODEL_YAMLS} == set(MODELS) | {"unet"} | INSTANCE_MODELS | PANOPTIC_MODELS
+    encoder_decoders = {"unet", "fcn", "deeplabv3plus", "pspnet", "upernet", "segformer"}
+    assert {path.stem for path in MODEL_YAMLS} == (set(MODELS) | encoder_decoders | INSTANCE_MODELS
+                                                   | PANOPTIC_MODELS)
 
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)

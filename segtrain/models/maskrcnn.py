@@ -1,4 +1,4 @@
-"""Mask R-CNN builders (torchvision) for any ResNet or MobileNetV3 FPN backbone, weights loaded offline."""
+"""Mask R-CNN builders (torchvision) over an FPN on any segtrain backbone, weights loaded offline."""
 
 from __future__ import annotations
 
@@ -16,16 +16,21 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
+from segtrain.models.backbones import TIMM_PREFIX, build_backbone
+from segtrain.models.backbones.torchvision_backbones import available, family
+from segtrain.models.fpn import BackboneFPN
 from segtrain.models.weights import load_matching, load_state_dict_from_spec, resolve_weights
 
 log = logging.getLogger(__name__)
 
 RESNETS = {name: getattr(resnet, name) for name in ("resnet18", "resnet34", "resnet50", "resnet101")}
+# Built as torchvision's own detection backbones (state-dict keys as torchvision's COCO weights and
+# segtrain's older checkpoints); any other name goes through build_backbone + BackboneFPN.
 BACKBONES = (*RESNETS, "mobilenet_v3_large")
 # State-dict prefixes whose shape depends on the number of classes: re-initialised when a
 # checkpoint (e.g. COCO's 91 classes) was trained for another class count.
 PREDICTOR_HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
-_MAX_TRAINABLE = {"mobilenet_v3_large": 6}  # torchvision's count of MobileNetV3 stages; ResNets: 5
+_MAX_TRAINABLE = {"mobilenet_v3_large": 6}  # torchvision's count of MobileNetV3 stages; others: 5 (stem + 4)
 
 
 def build_maskrcnn(
@@ -48,8 +53,14 @@ def build_maskrcnn(
     box_score_thresh: float = 0.05,
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
+    drop_path_rate: float | None = None,
 ) -> MaskRCNN:
-    """torchvision's Mask R-CNN with an FPN over `backbone` (resnet18/34/50/101, mobilenet_v3_large).
+    """torchvision's Mask R-CNN with an FPN over `backbone`.
+
+    resnet18/34/50/101 and mobilenet_v3_large are torchvision's own FPN backbones (their
+    state-dict keys are torchvision's, so its COCO weights load). Any other name is a
+    `segtrain.models.backbones` backbone (convnext_tiny, swin_t, regnet_y_800mf, timm:NAME, ...)
+    whose 4 levels (strides 4..32) feed a BackboneFPN: P2..P5 plus a pool level, 256 channels.
 
     `num_classes` counts the background (torchvision's convention: labels 1..num_classes-1 are
     things). In train mode `model(images, targets)` returns the loss dict (loss_classifier,
@@ -70,10 +81,16 @@ def build_maskrcnn(
     checkpoint was trained for another class count, only the predictor heads are re-initialised
     (logged). `trainable_layers` (0..5, the stages left unfrozen from the top) applies only when
     starting from pretrained weights; from scratch every layer trains, as in torchvision.
+    `drop_path_rate` is the stochastic depth of ConvNeXt / Swin / EfficientNet / timm backbones
+    (Swin's detection recipes: 0.2); null for the others.
     """
-    _validate(num_classes, backbone, version)
-    # Find the files before the (slow) construction, so that a missing one fails at once.
-    for spec, option in ((weights, "model.weights"), (weights_backbone, "model.weights_backbone")):
+    _validate(num_classes, backbone, version, drop_path_rate)
+    # Find the files before the (slow) construction, so that a missing one fails at once
+    # (timm backbones also take weights_backbone=cache, which build_backbone checks).
+    checks = [(weights, "model.weights")]
+    if not backbone.startswith(TIMM_PREFIX):
+        checks.append((weights_backbone, "model.weights_backbone"))
+    for spec, option in checks:
         if spec is not None:
             resolve_weights(spec, option)
     pretrained = weights is not None or weights_backbone is not None
@@ -88,7 +105,14 @@ def build_maskrcnn(
     # torchvision's choice: frozen statistics in a pretrained v1 backbone, batch statistics
     # otherwise (v2 always, and any from-scratch backbone).
     frozen = version == 1 and pretrained
-    fpn = _fpn_backbone(backbone, trainable, frozen, version)
+    if backbone in BACKBONES:
+        fpn = _fpn_backbone(backbone, trainable, frozen, version)
+    else:
+        # trainable_layers counts stages from the top, 5 including the stem: 4 - k of them freeze.
+        body = build_backbone(backbone, frozen_stages=4 - trainable, frozen_bn=frozen,
+                              weights=weights_backbone if weights is None else None,
+                              drop_path_rate=drop_path_rate)
+        fpn = BackboneFPN(body, 256, norm_layer=nn.BatchNorm2d if version == 2 else None)
     model = MaskRCNN(
         fpn,
         num_classes=None,  # the predictors below carry it
@@ -117,14 +141,21 @@ def build_maskrcnn(
         state_dict = load_state_dict_from_spec(weights, option="model.weights")
         load_matching(model, _fit_batch_counters(model, state_dict), reinit_prefixes=PREDICTOR_HEADS,
                       source=f"model.weights={weights}")
-    elif weights_backbone is not None:
+    elif weights_backbone is not None and backbone in BACKBONES:  # the others loaded it themselves
         _load_backbone(model, backbone, weights_backbone)
     return model
 
 
-def _validate(num_classes: int, backbone: str, version: int) -> None:
-    if backbone not in BACKBONES:
-        raise ValueError(f"model.backbone={backbone!r}; expected one of {', '.join(BACKBONES)}")
+def _validate(num_classes: int, backbone: str, version: int, drop_path_rate: float | None) -> None:
+    if not isinstance(backbone, str) or not (
+            backbone in BACKBONES or backbone.startswith((TIMM_PREFIX, "mit_")) or family(backbone)):
+        others = ", ".join(name for name in available() if name not in BACKBONES)
+        raise ValueError(f"model.backbone={backbone!r}; expected one of {', '.join(BACKBONES)} "
+                         f"(torchvision's detection backbones), another torchvision classifier "
+                         f"({others}), timm:NAME or mit_b0..mit_b5")
+    if backbone in BACKBONES and drop_path_rate is not None:
+        raise ValueError(f"model.drop_path_rate={drop_path_rate}: backbone {backbone} has no "
+                         "stochastic depth; leave it null")
     if version not in (1, 2):
         raise ValueError(f"model.version={version!r}; expected 1 (original recipe) or 2 "
                          "(torchvision's v2 recipe)")

@@ -10,10 +10,12 @@ from torch import nn
 from torch.nn import functional as nnf
 from torchvision.models.detection import MaskRCNN
 
-from segtrain.models.maskrcnn import RESNETS, build_maskrcnn
+from segtrain.models.maskrcnn import build_maskrcnn
 
 SEMANTIC_LOSS = "loss_sem_seg"
-_FPN_STRIDES = {"0": 4, "1": 8, "2": 16, "3": 32}  # torchvision's ResNet FPN levels P2..P5
+_FPN_STRIDES = {"0": 4, "1": 8, "2": 16, "3": 32}  # the FPN levels P2..P5 (any 4-level backbone)
+# torchvision's MobileNetV3 FPN has 3 levels at strides 16 and 32 only: no P2..P5.
+_NO_P2_TO_P5 = ("mobilenet_v3_large",)
 
 
 class SemanticFPNHead(nn.Module):
@@ -113,12 +115,16 @@ class PanopticFPN(nn.Module):
 
 def build_panoptic_fpn(num_things: int, num_stuff: int, backbone: str = "resnet50",
                        semantic_channels: int = 128, ignore_index: int = 255, **maskrcnn: Any) -> PanopticFPN:
-    """Panoptic FPN over a ResNet FPN: `num_things` thing classes for the Mask R-CNN (which adds
-    its background), `num_stuff` stuff classes for the semantic branch (which adds one class for
-    all things). The other keywords are build_maskrcnn's (weights, sizes, proposals, heads, ...)."""
-    if backbone not in RESNETS:
-        raise ValueError(f"model.backbone={backbone!r}; panoptic_fpn takes a ResNet FPN backbone "
-                         f"({', '.join(RESNETS)}): its semantic branch reads the P2..P5 levels")
+    """Panoptic FPN over the FPN of any 4-level backbone (resnet50, convnext_tiny, swin_t,
+    timm:NAME, ...; see build_maskrcnn): `num_things` thing classes for the Mask R-CNN (which
+    adds its background), `num_stuff` stuff classes for the semantic branch (which adds one class
+    for all things). The other keywords are build_maskrcnn's (weights, sizes, proposals, heads,
+    drop_path_rate, ...)."""
+    if backbone in _NO_P2_TO_P5:
+        raise ValueError(f"model.backbone={backbone!r}: torchvision's {backbone} FPN has only the "
+                         "stride 16 and 32 levels, and panoptic_fpn's semantic branch reads P2..P5 "
+                         "(strides 4..32); use a 4-level backbone: a ResNet FPN (resnet18 .. resnet101), "
+                         "convnext_tiny, swin_t, efficientnet_b0, timm:NAME, ...")
     for name, value in (("num_things", num_things), ("num_stuff", num_stuff)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"panoptic_fpn: {name}={value!r}; expected an integer >= 1 from "

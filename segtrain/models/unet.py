@@ -1,12 +1,16 @@
-"""A small U-Net for semantic segmentation that returns torchvision-style `{"out", "aux"}` dicts."""
+"""A small U-Net for semantic segmentation that returns torchvision-style `{"out", "aux"}` dicts,
+and `build_unet`, which also gives a U-Net decoder over any backbone (a Res-U-Net)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from segtrain.models.heads.unet import DECODER_CHANNELS, UNetHead
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +183,67 @@ class UNet(nn.Module):
             aux = F.interpolate(aux, size=x.shape[-2:], mode="bilinear", align_corners=False)
             result["aux"] = aux[..., :height, :width]
         return result
+
+
+# Keys of the small U-Net that a backbone replaces, with their defaults.
+_SMALL_UNET_ONLY = {"base_channels": 8, "depth": 4, "norm": "bn"}
+
+
+def build_unet(
+    num_classes: int,
+    in_channels: int = 3,
+    base_channels: int = 8,
+    depth: int = 4,
+    norm: str = "bn",
+    aux_head: bool = False,
+    weights: str | None = None,
+    backbone: str | None = None,
+    decoder_channels: Sequence[int] = DECODER_CHANNELS,
+    weights_backbone: str | None = None,
+    output_stride: int = 32,
+    out_indices: Sequence[int] | None = None,
+    frozen_stages: int = -1,
+    frozen_bn: bool = False,
+    drop_path_rate: float | None = None,
+) -> nn.Module:
+    """The small `UNet` (backbone null), or a Res-U-Net: `build_backbone(backbone)` with a U-Net
+    decoder (as segmentation_models.pytorch's Unet, `decoder_channels` wide) in an EncoderDecoder.
+
+    Both return {"out": logits (N, num_classes, H, W)} (+ "aux") for x float (N, 3, H, W).
+    A backbone-only key set without a backbone is an error. With a backbone, base_channels, depth
+    and norm are ignored with a warning rather than refused: conf/tuned/ sets base_channels for
+    the small U-Net of the default composition, which `model.backbone=...` alone must not break.
+    """
+    backbone_only = {"decoder_channels": (list(decoder_channels), list(DECODER_CHANNELS)),
+                     "weights_backbone": (weights_backbone, None),
+                     "output_stride": (output_stride, 32), "out_indices": (out_indices, None),
+                     "frozen_stages": (frozen_stages, -1), "frozen_bn": (frozen_bn, False),
+                     "drop_path_rate": (drop_path_rate, None)}
+    if backbone is None:
+        unused = [key for key, (value, default) in backbone_only.items() if value != default]
+        if unused:
+            raise ValueError(f"unet: model.{unused[0]} only applies with a backbone; set "
+                             "model.backbone (e.g. resnet34) or leave it at its default")
+        return UNet(num_classes, in_channels, base_channels, depth, norm, aux_head, weights)
+    if in_channels != 3:
+        raise ValueError(f"unet: model.in_channels={in_channels!r}; a backbone takes RGB images, "
+                         "so 3 (or model.backbone=null for the small U-Net)")
+    given = {"base_channels": base_channels, "depth": depth, "norm": norm}
+    ignored = {key: value for key, value in given.items() if value != _SMALL_UNET_ONLY[key]}
+    if ignored:
+        log.warning("unet: model.backbone=%s has its own encoder and a BatchNorm decoder; ignoring "
+                    "the small U-Net's %s", backbone,
+                    ", ".join(f"model.{key}={value}" for key, value in ignored.items()))
+    from segtrain.models.encoder_decoder import BackboneOptions, assemble, check_positive
+
+    check_positive("unet", num_classes=num_classes,
+                   **{f"decoder_channels[{i}]": c for i, c in enumerate(decoder_channels)})
+    options = BackboneOptions(backbone, output_stride, out_indices, frozen_stages, frozen_bn,
+                              drop_path_rate, weights_backbone)
+
+    def make_head(encoder: nn.Module) -> UNetHead:
+        # Blocks without skip bring the finest level (stride 4 usually) back to full resolution.
+        upsamplings = max(0, int(encoder.strides[0]).bit_length() - 1)
+        return UNetHead(encoder.channels, num_classes, upsamplings, decoder_channels)
+
+    return assemble("unet", options, make_head, num_classes, aux_head, weights)

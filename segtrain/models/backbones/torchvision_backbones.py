@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import get_model, list_models
+from torchvision.ops import StochasticDepth
 
 from segtrain.models.backbones.common import (
     STRIDES,
@@ -80,8 +81,11 @@ class TorchvisionBackbone(Backbone):
             if kind not in _STOCHASTIC_DEPTH:
                 raise ValueError(f"model.drop_path_rate: backbone {name} has no stochastic depth; "
                                  "leave it null")
-            kwargs["stochastic_depth_prob"] = float(drop_path_rate)
+            if kind != "swin":  # torchvision's Swin builders fix it themselves: set below
+                kwargs["stochastic_depth_prob"] = float(drop_path_rate)
         self.body = get_model(name, weights=None, **kwargs)
+        if kind == "swin" and drop_path_rate is not None:
+            _set_stochastic_depth(self.body, float(drop_path_rate))
         for attr in _DROPPED[kind]:
             setattr(self.body, attr, nn.Identity())
         self.stages = self._stages(kind)
@@ -153,3 +157,11 @@ class TorchvisionBackbone(Backbone):
         extra = tuple(sorted({key for key in state_dict if key not in own}))
         load_matching(self.body, state_dict, ignore_prefixes=extra,
                       source=f"model.weights_backbone={weights}")
+
+
+def _set_stochastic_depth(model: nn.Module, rate: float) -> None:
+    """Block i of n drops its residual branch with probability rate * i / (n - 1), the linear
+    rule torchvision's Swin applies to its own `stochastic_depth_prob`."""
+    layers = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    for i, layer in enumerate(layers):
+        layer.p = rate * i / max(len(layers) - 1, 1)
