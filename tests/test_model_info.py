@@ -36,6 +36,18 @@ def test_flops_of_convolutions_and_products_equal_the_hand_count_two_per_multipl
     assert net.training, "counting leaves the module's mode as it was"
 
 
+class _Attention(nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return nn.functional.scaled_dot_product_attention(q, q[:, :, :16], q[:, :, :16])
+
+
+def test_fused_attention_on_cpu_counts_both_products():
+    # CPU runs torch's own flash kernel, which torch's FLOP registry misses: counted here.
+    batch, heads, queries, keys, dim = 2, 4, 64, 16, 8
+    macs = 2 * batch * heads * queries * keys * dim  # q @ k^T, then attn @ v
+    assert count_flops(_Attention(), torch.rand(batch, heads, queries, dim))["total"] == 2 * macs
+
+
 def test_latency_reports_median_and_p90_of_the_timed_runs():
     latency = measure_latency(nn.Linear(4, 4), torch.rand(2, 4), torch.device("cpu"), warmup=1, runs=5)
     assert 0 < latency["median"] <= latency["p90"]
