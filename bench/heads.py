@@ -34,9 +34,11 @@ RUNS = {  # label -> model overrides
 
 
 def train(work: Path, label: str, overrides: list[str], args: argparse.Namespace) -> dict:
-    run_dir = work / str(abs(hash(label)))
+    run_dir = work / str(list(RUNS).index(label))
+    warmup = min(30, args.iters // 4)
     command = [sys.executable, "-m", "segtrain", "train", "dataset=synthetic", *overrides,
-               "optimizer=adamw", f"optimizer.lr={args.lr}", "scheduler=poly", "scheduler.warmup_iters=30",
+               "optimizer=adamw", f"optimizer.lr={args.lr}", "scheduler=poly",
+               f"scheduler.warmup_iters={warmup}",
                f"trainer.max_iters={args.iters}", f"trainer.eval_every={args.iters}",
                f"trainer.ckpt_every={args.iters}", "trainer.device=cpu", "trainer.vis_images=0",
                f"data.batch_size={args.batch}", "data.num_workers=1", f"dataset.val.num_samples={args.val}",
