@@ -138,3 +138,90 @@ def test_empty_images_and_crowds_are_never_matched():
         assert len(rows) == len(cols) == 0
     with pytest.raises(ValueError, match="costs"):
         HungarianMatcher(cost_class=0, cost_mask=0, cost_dice=0)
+
+
+def _perfect_outputs(target: dict, queries: int = 4, num_classes: int = 3, size: int = 16) -> dict:
+    """Query i predicts segment i exactly (very confident); the rest predict no object."""
+    logits = torch.full((1, queries, num_classes + 1), -20.0)
+    logits[0, :, num_classes] = 20.0
+    masks = torch.full((1, queries, size, size), -20.0)
+    for i, (label, mask) in enumerate(zip(target["labels"], target["masks"])):
+        logits[0, i, num_classes], logits[0, i, label] = -20.0, 20.0
+        masks[0, i] = torch.where(mask, 20.0, -20.0)
+    return {"pred_logits": logits, "pred_masks": masks}
+
+
+def _segments() -> dict:
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 2:8, 2:8] = True
+    masks[1, 9:15, 4:14] = True
+    return {"labels": torch.tensor([2, 0]), "masks": masks}
+
+
+def test_uncertain_points_favour_the_mask_edges():
+    from segtrain.models.mask2former.criterion import uncertain_points
+
+    # |logit| grows with the distance to column 16: the most uncertain quarter lies within 4 px
+    logits = (torch.arange(32.0) + 0.5 - 16.0).abs().expand(1, 32, 32)
+    points = uncertain_points(logits, 400, oversample=3.0, importance=0.75,
+                              generator=torch.Generator().manual_seed(0))
+    assert points.shape == (1, 400, 2) and bool(((points >= 0) & (points <= 1)).all())
+    near = ((points[0, :, 0] * 32 - 16.0).abs() < 4.5).float().mean()
+    assert near > 0.7, f"{near:.2f}: uniform points would give 0.28"
+
+
+def test_perfect_predictions_cost_nothing_and_wrong_ones_do():
+    from segtrain.models.mask2former.criterion import SetCriterion
+
+    criterion = SetCriterion(num_classes=3, num_points=4096)
+    target = _segments()
+    perfect = _perfect_outputs(target)
+    torch.manual_seed(0)
+    losses = criterion({**perfect, "aux_outputs": [perfect]}, [target])
+    assert set(losses) == {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0"}
+    assert float(losses["loss_ce"]) < 1e-3 and float(losses["loss_ce_0"]) < 1e-3
+    wrong = _perfect_outputs({"labels": torch.tensor([1, 1]), "masks": target["masks"].flip(-1)})
+    torch.manual_seed(0)
+    bad = criterion(wrong, [target])
+    assert float(bad["loss_ce"]) > 1.0
+    # Points sampled at the edges see interpolated targets, so even perfect masks cost a little.
+    for key in ("loss_mask", "loss_dice"):
+        assert float(bad[key]) > 3 * float(losses[key]), (key, bad[key], losses[key])
+
+
+def test_no_object_weight_is_the_class_weight_of_unmatched_queries():
+    from segtrain.models.mask2former.criterion import SetCriterion
+
+    criterion = SetCriterion(num_classes=3, num_points=64, class_weight=1.0)
+    target = _segments()
+    outputs = _perfect_outputs(target)
+    outputs["pred_logits"] = torch.randn(1, 4, 4)
+    matches = criterion.matcher.match(outputs["pred_logits"], outputs["pred_masks"], [target])
+    classes = torch.full((1, 4), 3)
+    classes[0, matches[0][0]] = target["labels"][matches[0][1]]
+    expected = F.cross_entropy(outputs["pred_logits"].transpose(1, 2), classes,
+                               torch.tensor([1.0, 1.0, 1.0, 0.1]))
+    torch.testing.assert_close(criterion(outputs, [target])["loss_ce"], expected)
+
+
+def test_crowd_pixels_count_in_no_mask_loss():
+    from segtrain.models.mask2former.criterion import SetCriterion
+
+    criterion = SetCriterion(num_classes=3, num_points=4096, importance=0.0)
+    target = _segments()
+    crowd = torch.zeros(16, 16, dtype=torch.bool)
+    crowd[2:8, 8:10] = True  # a crowd region next to segment 0
+    with_crowd = {"labels": torch.tensor([2, 0, 1]), "masks": torch.cat([target["masks"], crowd[None]]),
+                  "iscrowd": torch.tensor([False, False, True])}
+    exact = _perfect_outputs(target)
+    over = _perfect_outputs(target)
+    over["pred_masks"][0, 0, 2:8, 8:10] = 20.0  # segment 0's query also covers the crowd
+    results = []
+    for outputs, targets in ((exact, target), (over, target), (over, with_crowd)):
+        torch.manual_seed(0)
+        results.append(criterion(outputs, [targets]))
+        assert float(results[-1]["loss_ce"]) < 1e-3, "query i is matched to segment i"
+    exact_loss, plain, ignored = results
+    assert float(plain["loss_mask"]) > 2 * float(exact_loss["loss_mask"]), "the extra area is wrong"
+    for key in ("loss_mask", "loss_dice"):  # inside the crowd it is not
+        assert float(ignored[key]) < 1.2 * float(exact_loss[key]) + 1e-3, (key, ignored[key], exact_loss[key])
