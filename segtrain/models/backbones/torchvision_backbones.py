@@ -100,10 +100,7 @@ class TorchvisionBackbone(Backbone):
         self.out_norms = (nn.ModuleList(nn.LayerNorm(channels[i]) for i in self.out_indices)
                           if self.channels_last else None)
         self.channels = [channels[i] for i in self.out_indices]
-        self.strides = [STRIDES[0] * 2 ** i for i in range(4)]
-        if output_stride != 32:
-            self.strides = [min(s, output_stride) for s in self.strides]
-        self.strides = [self.strides[i] for i in self.out_indices]
+        self.strides = [min(STRIDES[i], output_stride) for i in self.out_indices]
         if frozen_bn:
             freeze_batch_norm(self.body)
         check_frozen_stages(frozen_stages, len(self.stages) - 1, name)
@@ -120,13 +117,15 @@ class TorchvisionBackbone(Backbone):
                     ["features.4", "features.5"], ["features.6", "features.7"]]
         # EfficientNet / MobileNet: a stage ends at the last layer of each stride.
         layers = list(self.body.features)
-        strides, x = [], torch.zeros(1, 3, 64, 64)
-        with torch.no_grad():
-            self.body.eval()
+
+        def each_layer(x: torch.Tensor) -> list[torch.Tensor]:
+            outputs = []
             for layer in layers:
                 x = layer(x)
-                strides.append(64 // x.shape[-1])
-            self.body.train()
+                outputs.append(x)
+            return outputs
+
+        strides = [64 // f.shape[-1] for f in probe(each_layer, self.body, size=64)]
         last = len(layers) - (1 if kind == "efficientnet" else 0)
         stages: list[list[str]] = [[]]
         for i in range(last):
