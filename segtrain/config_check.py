@@ -27,7 +27,7 @@ class ConfigValueError(ValueError):
 # Groups whose `_target_` nodes (and nested ones) are checked against their callable's signature.
 TARGET_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "task")
 # Keys segtrain consumes itself before instantiating a node (train.build_optimizer).
-CONSUMED_KEYS = {"optimizer": {"backbone_lr_mult", "norm_weight_decay"}}
+CONSUMED_KEYS = {"optimizer": {"backbone_lr_mult", "norm_weight_decay", "bias_weight_decay"}}
 
 # (key, check, what is expected): ranges that types alone do not say. Absent keys are skipped;
 # the `trainer` group's are TrainerConfig's own (segtrain.engine.trainer_config.RANGES).
@@ -44,6 +44,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("optimizer.backbone_lr_mult", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     ("optimizer.norm_weight_decay", lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0"),
+    ("optimizer.bias_weight_decay", lambda v: v is None or (_is_number(v) and v >= 0), "null or >= 0"),
     ("scheduler.warmup_iters", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     ("scheduler.warmup_factor", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("dataset.num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),

@@ -19,6 +19,7 @@ from segtrain.builders import (
     check_loss_applies,
     check_task_fits_data,
     loader_options,
+    resolve_task_mode,
 )
 from segtrain.config_check import check_class_counts, check_config
 from segtrain.config_trust import check_stored_config
@@ -50,7 +51,8 @@ def build_optimizer(opt_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.
     opt_cfg = opt_cfg.copy()
     OmegaConf.set_struct(opt_cfg, False)
     with_groups = {
-        key: opt_cfg.pop(key) for key in ("backbone_lr_mult", "norm_weight_decay") if key in opt_cfg
+        key: opt_cfg.pop(key) for key in ("backbone_lr_mult", "norm_weight_decay", "bias_weight_decay")
+        if key in opt_cfg
     }
     groups = build_param_groups(
         model, lr=opt_cfg.lr, weight_decay=opt_cfg.get("weight_decay", 0.0), **with_groups
@@ -79,6 +81,7 @@ def train(cfg: DictConfig) -> float | None:
 
     train_set, val_set = build_data(cfg)
     check_class_counts(cfg)  # counts left null are known now
+    resolve_task_mode(cfg, train_set)
     meta = train_set.meta
     check_loss_applies(cfg)
     task = build_task(cfg, meta)

@@ -226,7 +226,7 @@ def compose(group: str, path: Path):
 @pytest.mark.parametrize("path", sorted((CONF / "optimizer").glob("*.yaml")), ids=lambda p: p.stem)
 def test_optimizer_config_builds_groups_steps_and_checkpoints(path):
     opt_cfg = compose("optimizer", path).optimizer
-    extras = {key: opt_cfg.pop(key) for key in ("backbone_lr_mult", "norm_weight_decay")}
+    extras = {key: opt_cfg.pop(key) for key in ("backbone_lr_mult", "norm_weight_decay", "bias_weight_decay")}
     model = TinySegmenter()
     groups = build_param_groups(model, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, **extras)
     optimizer = instantiate(opt_cfg)(groups)

@@ -18,8 +18,11 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 # Parameters that are tables of positions rather than weights (Swin's relative position bias,
 # ViT-style absolute embeddings and class tokens): decaying them erases what they encode, so
 # they are treated as norms (Swin's and MMSegmentation's recipes set their decay to 0).
+# nn.Embedding tables (Mask2Former's queries and decoder level embeddings) likewise, as its
+# recipes do (WEIGHT_DECAY_EMBED 0).
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token",
                   "position_embedding", "logit_scale")
+NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding,)
 
 
 def build_param_groups(
@@ -61,7 +64,7 @@ def build_param_groups(
             seen.add(id(param))
             name = f"{module_name}.{param_name}" if module_name else param_name
             part = "backbone" if name.startswith(backbone_prefix) else "head"
-            if isinstance(module, NORM_TYPES) or param_name in NO_DECAY_NAMES:
+            if isinstance(module, NORM_TYPES + NO_DECAY_TYPES) or param_name in NO_DECAY_NAMES:
                 kind = "norm"
             elif param_name == "bias":
                 kind = "bias"
