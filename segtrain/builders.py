@@ -39,6 +39,21 @@ def fill_class_counts(cfg: DictConfig, meta: Any) -> None:
                 cfg.dataset[key] = value
 
 
+def resolve_task_mode(cfg: DictConfig, dataset: Any) -> None:
+    """`task.mode: auto` (a family that learns whatever the data annotates: Mask2Former) becomes
+    the mode of the dataset's first item (its target keys; read under a forked RNG), so the run's
+    stored config, and every later eval or predict, names it."""
+    if OmegaConf.select(cfg, "task.mode") != "auto" or dataset is None or len(dataset) == 0:
+        return
+    mode_of = getattr(get_object(cfg.task._target_), "mode_of_target", None)
+    if mode_of is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        _, target = dataset[0]
+    with open_dict(cfg):
+        cfg.task.mode = mode_of(target)
+
+
 def build_task(cfg: DictConfig, meta: Any, with_loss: bool = True) -> Any:
     """The model family's adapter (`cfg.task`) over the dataset metadata (class names, palette,
     thing/stuff split, category ids), with the evaluators `cfg.evaluators` names (null: the

@@ -110,10 +110,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Tasks whose models take a float batch (B, 3, H, W); the others' (torchvision detectors) take
+# lists of images that their own transform resizes.
+TENSOR_INPUT_TASKS = ("semantic", "mask2former")
+
+
 def example_inputs(task: str, batch_size: int, size: tuple[int, int], device: torch.device) -> Any:
-    """A random batch as the task's model takes it: semantic models a float tensor (B, 3, H, W);
-    instance/panoptic (torchvision detectors) a list of B float images (3, H, W) in [0, 1]."""
-    if task == "semantic":
+    """A random batch as the task's model takes it: semantic models and Mask2Former a float tensor
+    (B, 3, H, W); instance/panoptic (torchvision detectors) a list of B float images (3, H, W) in
+    [0, 1]."""
+    if task in TENSOR_INPUT_TASKS:
         return torch.rand(batch_size, 3, *size, device=device)
     return [torch.rand(3, *size, device=device) for _ in range(batch_size)]
 
@@ -155,7 +161,7 @@ def model_info(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device),
         "latency_ms": {**latency, "warmup": warmup, "runs": runs},
     }
-    if task != "semantic":
+    if task not in TENSOR_INPUT_TASKS:
         info["note"] = RESIZING
     if rois.counts:
         info["rois"] = rois.counts

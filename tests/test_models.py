@@ -26,6 +26,8 @@ MOBILENET_FILE = "mobilenet_v3_large-8738ca79.pth"
 INSTANCE_MODELS = {"maskrcnn", "maskrcnn_v2", "maskrcnn_small"}
 # Panoptic FPN: the detection contract plus `sem_seg` logits; keyword args pass to build_maskrcnn.
 PANOPTIC_MODELS = {"panoptic_fpn", "panoptic_fpn_small"}
+# Query-based models: per-query class logits (+ "no object") and mask logits at stride 4.
+QUERY_MODELS = {"mask2former"}
 
 
 def _model_cfg(path: Path):
@@ -53,7 +55,7 @@ def test_every_torchvision_builder_has_a_config():
 
     encoder_decoders = {"unet", "fcn", "deeplabv3plus", "pspnet", "upernet", "segformer"}
     assert {path.stem for path in MODEL_YAMLS} == (set(MODELS) | encoder_decoders | INSTANCE_MODELS
-                                                   | PANOPTIC_MODELS)
+                                                   | PANOPTIC_MODELS | QUERY_MODELS)
 
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
@@ -89,6 +91,13 @@ def test_model_config_instantiates_and_obeys_the_output_contract(path):
         outputs = _check_instance_outputs(model, num_classes=5)
         if path.stem in PANOPTIC_MODELS:  # 4 things + background; 2 stuff + one "things" class
             assert [tuple(o["sem_seg"].shape) for o in outputs] == [(3, 64, 48), (3, 40, 64)]
+        return
+    if path.stem in QUERY_MODELS:
+        out = _outputs(model, size=(64, 96))
+        queries = cfg.model.num_queries
+        assert out["pred_logits"].shape == (2, queries, 6)  # 5 classes + "no object"
+        assert out["pred_masks"].shape == (2, queries, 16, 24)
+        assert all(torch.isfinite(v).all() for v in out.values())
         return
     aux_on = bool(cfg.model.get("aux_loss", cfg.model.get("aux_head", False)))
     out = _outputs(model, size=(64, 48))

@@ -15,7 +15,7 @@ from segtrain.predictions import check_prediction, instance_meta, semantic_label
 MODEL_NAMES = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 # The synthetic dataset a model family trains on, by the task its config selects.
 DATASET_OF_TASK = {"semantic": "synthetic", "instance": "synthetic_instance",
-                   "panoptic": "synthetic_panoptic"}
+                   "panoptic": "synthetic_panoptic", "mask2former": "synthetic_panoptic"}
 SMALL_DETECTOR = ["model.min_size=64", "model.max_size=64", "model.rpn_pre_nms_top_n_test=50",
                   "model.rpn_post_nms_top_n_test=20"]
 
@@ -24,7 +24,7 @@ def _compose(compose_cfg, model: str, extra: list[str] = ()):
     task_name = compose_cfg("train", [f"model={model}"]).task._target_.split(".")[-2]
     overrides = [f"model={model}", f"dataset={DATASET_OF_TASK[task_name]}", "dataset.val.num_samples=2",
                  "dataset.val.image_size=64", *extra]
-    if task_name != "semantic":
+    if task_name in ("instance", "panoptic"):
         overrides += SMALL_DETECTOR
     return compose_cfg("train", overrides), task_name
 

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from segtrain.models.mask2former.matcher import HungarianMatcher, point_sample
+from segtrain.models.mask2former.matcher import HungarianMatcher, ignored_pixels, point_sample
+from segtrain.utils.distributed import all_reduce_sum, get_world_size
 
 
 def uncertain_points(mask_logits: torch.Tensor, num_points: int, oversample: float = 3.0,
@@ -36,7 +37,8 @@ class SetCriterion:
     outputs: "pred_logits" (B, Q, C + 1), "pred_masks" (B, Q, h, w) logits, optional
     "aux_outputs" (a list of such dicts, one per intermediate decoder layer). targets: per image
     "labels" (T,), "masks" (T, H, W) {0, 1}, optional "iscrowd" (T,): crowd segments are not
-    matched and their pixels count in no mask loss.
+    matched and their pixels count in no mask loss, optional "ignore" bool (H, W): pixels (VOID,
+    ignore_index) that count in no mask loss nor mask cost.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
@@ -52,16 +54,18 @@ class SetCriterion:
 
     def __call__(self, outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]]
                  ) -> dict[str, torch.Tensor]:
-        # Normalised by the matched segments of the batch (at least 1), as the paper.
-        num_masks = max(1, sum(int((~t["iscrowd"].bool()).sum()) if "iscrowd" in t else len(t["labels"])
-                               for t in targets))
+        # Normalised by the matched segments of the global batch (at least 1), as the paper:
+        # under DDP every rank divides by the same count.
+        count = sum(int((~t["iscrowd"].bool()).sum()) if "iscrowd" in t else len(t["labels"])
+                    for t in targets)
+        num_masks = max(1.0, float(all_reduce_sum(torch.tensor([float(count)]))[0]) / get_world_size())
         losses = self._layer(outputs, targets, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._layer(aux, targets, num_masks).items()})
         return losses
 
     def _layer(self, outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
-               num_masks: int) -> dict[str, torch.Tensor]:
+               num_masks: float) -> dict[str, torch.Tensor]:
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         matches = self.matcher.match(logits, masks, targets)
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
@@ -74,7 +78,7 @@ class SetCriterion:
                 "loss_dice": self.weights["loss_dice"] * dice}
 
     def _mask_losses(self, masks: torch.Tensor, targets: list[dict[str, torch.Tensor]],
-                     matches: list[tuple[torch.Tensor, torch.Tensor]], num_masks: int
+                     matches: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         bce = dice = masks.sum() * 0.0  # no match in the batch: zero, still in the graph
         for i, (rows, cols) in enumerate(matches):
@@ -86,10 +90,10 @@ class SetCriterion:
                 points = uncertain_points(pred, self.num_points, self.oversample, self.importance)
                 true_points = point_sample(true, points)
                 keep = torch.ones_like(true_points)
-                crowd = targets[i].get("iscrowd")
-                if crowd is not None and bool(crowd.any()):
-                    region = targets[i]["masks"][crowd.bool()].any(0, keepdim=True).float()
-                    keep = (point_sample(region.expand(len(points), -1, -1), points) < 0.5).float()
+                region = ignored_pixels(targets[i])
+                if region is not None:
+                    keep = (point_sample(region[None].float().expand(len(points), -1, -1), points)
+                            < 0.5).float()
             logit_points = point_sample(pred, points)
             per_point = F.binary_cross_entropy_with_logits(logit_points, true_points, reduction="none")
             bce = bce + ((per_point * keep).sum(1) / keep.sum(1).clamp(min=1)).sum()

@@ -19,21 +19,36 @@ def point_sample(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(masks[:, None], grid, mode="bilinear", align_corners=False)[:, 0, 0]
 
 
-def sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Mean over points of BCE(sigmoid(logit), target) for every (prediction, target) pair:
-    logits (Q, P), targets (T, P) in {0, 1} -> (Q, T)."""
-    points = logits.shape[1]
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (pos @ targets.T + neg @ (1 - targets).T) / points
+    logits (Q, P), targets (T, P) in {0, 1} -> (Q, T). `keep` (P,) {0, 1}: the points that count
+    (the others are ignored pixels: crowds, VOID)."""
+    keep = torch.ones_like(logits[0]) if keep is None else keep
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none") * keep
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * keep
+    return (pos @ targets.T + neg @ (1 - targets).T) / keep.sum().clamp(min=1)
 
 
-def dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1 - (2|p t| + 1) / (|p| + |t| + 1) for every pair, p = sigmoid(logits): (Q, P), (T, P) -> (Q, T)."""
-    probs = logits.sigmoid()
+def dice_cost(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """1 - (2|p t| + 1) / (|p| + |t| + 1) for every pair, p = sigmoid(logits): (Q, P), (T, P) -> (Q, T);
+    points where `keep` (P,) is 0 count in neither."""
+    probs = logits.sigmoid() if keep is None else logits.sigmoid() * keep
+    targets = targets if keep is None else targets * keep
     numerator = 2 * probs @ targets.T
     denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + 1) / (denominator + 1)
+
+
+def ignored_pixels(target: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """bool (H, W): the target's "ignore" map joined with its crowd segments' masks; None if neither."""
+    ignore = target.get("ignore")
+    crowd = target.get("iscrowd")
+    if crowd is not None and bool(crowd.any()):
+        region = target["masks"][crowd.bool().to(target["masks"].device)].bool().any(0)
+        ignore = region if ignore is None else ignore.bool() | region
+    return None if ignore is None else ignore.bool()
 
 
 class HungarianMatcher:
@@ -41,7 +56,8 @@ class HungarianMatcher:
 
     class_logits (B, Q, C + 1), the last class "no object"; mask_logits (B, Q, h, w); targets a
     list of B dicts with "labels" int64 (T,) and "masks" (T, H, W) {0, 1} at any size, and
-    optionally "iscrowd" (T,): crowd segments are never matched (the loss ignores their pixels).
+    optionally "iscrowd" (T,): crowd segments are never matched, and "ignore" bool (H, W): pixels
+    (crowd regions, VOID) that count in no mask cost; crowd masks are ignored pixels too.
     """
 
     def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
@@ -60,8 +76,10 @@ class HungarianMatcher:
         points = torch.rand(1, self.num_points, 2, device=mask_logits.device, generator=generator)
         pred = point_sample(mask_logits.float(), points)
         true = point_sample(masks.float(), points)
-        return (-self.cost_class * probs + self.cost_mask * sigmoid_ce_cost(pred, true)
-                + self.cost_dice * dice_cost(pred, true))
+        ignore = target.get("ignore")
+        keep = None if ignore is None else (point_sample(ignore[None].float(), points)[0] < 0.5).float()
+        return (-self.cost_class * probs + self.cost_mask * sigmoid_ce_cost(pred, true, keep)
+                + self.cost_dice * dice_cost(pred, true, keep))
 
     @torch.no_grad()
     def match(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
@@ -81,6 +99,9 @@ class HungarianMatcher:
                 continue
             subset = {"labels": target["labels"][kept.to(target["labels"].device)],
                       "masks": target["masks"][kept.to(target["masks"].device)]}
+            ignore = ignored_pixels(target)
+            if ignore is not None:
+                subset["ignore"] = ignore
             cost = self.cost_matrix(class_logits[i], mask_logits[i], subset, generator)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             matches.append((torch.as_tensor(rows, dtype=torch.int64), kept[torch.as_tensor(cols)]))
