@@ -20,11 +20,12 @@ $(VENV)/.runtime: $(BIN)/python setup.cfg pyproject.toml $(CONSTRAINTS)
 
 # The timm extra is installed so that timm:NAME backbones are tested.
 # The sweep and slurm extras let the Optuna sweep and SLURM preset tests run (tests/test_sweep.py).
+# The transformers extra is the reference Mask2Former for tests/test_mask2former_transformers.py.
 # lvis (the LVISEval reference for tests) pins nothing usable: installed without its deps
 # (opencv, matplotlib), which the tests stub out. panopticapi-lite (pq_compute, the PQ reference)
 # likewise: its evaluation module needs only numpy and PIL.
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP_INSTALL) -e '.[dev,bench,sweep,slurm,timm]'
+	$(PIP_INSTALL) -e '.[dev,bench,sweep,slurm,timm,transformers]'
 	$(BIN)/python -m pip install --quiet --no-deps lvis==0.5.3
 	$(BIN)/python -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $@
