@@ -82,6 +82,18 @@ def test_a_detector_is_counted_on_its_image_list_at_the_size_it_resizes_to(tmp_p
     assert json.loads((tmp_path / "info.json").read_text())["flops"] == info["flops"]
 
 
+def test_mask2former_is_counted_on_a_float_batch_by_its_three_parts(tmp_path, compose_cfg):
+    cfg = compose_cfg("model_info", [
+        "model=mask2former", "dataset=synthetic_panoptic", "model.backbone=resnet18", "model.hidden_dim=32",
+        "model.mask_dim=32", "model.num_queries=8", "model.nheads=4", "model.dec_layers=3",
+        "model.enc_layers=1", "input_size=[64,96]", "runs=1", "warmup=0", f"output={tmp_path / 'i.json'}"])
+    info = model_info(cfg)
+    assert info["task"] == "mask2former" and info["model_input_size"] == [64, 96] and "note" not in info
+    assert set(info["flops_by_module"]) == {"backbone", "pixel_decoder", "predictor"}
+    assert all(v > 0 for v in info["flops_by_module"].values())
+    assert sum(info["flops_by_module"].values()) == info["flops"]
+
+
 def test_trainable_parameters_leave_out_a_frozen_detector_backbone(tmp_path, compose_cfg):
     torch.save(build_backbone("regnet_y_400mf").body.state_dict(), tmp_path / "regnet.pth")
     cfg = compose_cfg("model_info", ["model=maskrcnn_small", "model.backbone=regnet_y_400mf",

@@ -119,8 +119,10 @@ class MaskedAttentionDecoder(nn.Module):
             positions.append(sine_position_embedding(x, self.hidden_dim // 2).flatten(2).permute(2, 0, 1))
             sources.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None])
                            .permute(2, 0, 1))
-        query_pos = self.query_embed.weight[:, None].expand(-1, batch, -1)
-        x = self.query_feat.weight[:, None].expand(-1, batch, -1)
+        # repeat, not expand: an expanded view of a parameter made under no_grad has no grad_fn,
+        # which FlopCounterMode's module tracker (model-info) cannot handle.
+        query_pos = self.query_embed.weight[:, None].repeat(1, batch, 1)
+        x = self.query_feat.weight[:, None].repeat(1, batch, 1)
         logits, masks, attn_mask = self._predict(x, mask_features, sizes[0])
         predictions = [(logits, masks)]
         for i, (cross, self_attn, ffn) in enumerate(zip(self.transformer_cross_attention_layers,
