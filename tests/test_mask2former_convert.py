@@ -130,6 +130,10 @@ def test_command_line_writes_a_segtrain_file(r50, tmp_path):
                        official["backbone.res2.0.shortcut.norm.running_mean"])
     with pytest.raises(SystemExit):
         main([str(tmp_path / "ours.pth"), str(tmp_path / "again.pth")])
+    before = (tmp_path / "ours.pth").read_bytes()
+    with pytest.raises(SystemExit):  # an existing target is never overwritten
+        main([str(tmp_path / "official.pth"), str(tmp_path / "ours.pth")])
+    assert (tmp_path / "ours.pth").read_bytes() == before
 
 
 @pytest.mark.parametrize("extra", ["backbone.fpn_lateral2.weight", "backbone.absolute_pos_embed",

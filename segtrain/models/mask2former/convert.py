@@ -32,6 +32,7 @@ RGB images normalised by ImageNet's mean and std.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -173,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--insert-background", action="store_true",
                         help="add class 0 'background' to an instance checkpoint's classifier")
     args = parser.parse_args(argv)
+    if os.path.exists(args.target):
+        parser.error(f"{args.target} exists; it is never overwritten: choose another target")
     state_dict = load_state_dict_from_spec(args.source, option="source")
     if not is_official(state_dict):
         parser.error(f"{args.source} is not in the official Mask2Former layout")
