@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
@@ -72,6 +73,9 @@ class SplitStats:
     void_pixels: int = 0
     all_pixels: int = 0
     instances: list[int] = field(default_factory=list)
+    object_areas: list[int] = field(default_factory=list)  # pixels of each instance mask
+    overlapping: int = 0  # instance masks sharing pixels with another (COCO allows overlap)
+    overlap_images: int = 0
     problems: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -134,6 +138,8 @@ def _check_item(image: torch.Tensor, target: dict, meta: DatasetMeta, stats: Spl
     masks = target.get("masks")
     if masks is not None and len(masks) and tuple(masks.shape[-2:]) != size:
         problems.append(f"instance masks are {tuple(masks.shape[-2:])} but the image is {size} (H, W)")
+    elif masks is not None and len(masks):
+        _count_objects(torch.as_tensor(masks).as_subclass(torch.Tensor).bool(), stats)
     boxes = target.get("boxes")
     if boxes is not None and len(boxes):
         height, width = size
@@ -143,6 +149,17 @@ def _check_item(image: torch.Tensor, target: dict, meta: DatasetMeta, stats: Spl
             problems.append(f"{int((~inside).sum())} boxes lie outside the {width}x{height} image "
                             "or have x2 < x1 / y2 < y1")
     return problems
+
+
+def _count_objects(masks: torch.Tensor, stats: SplitStats) -> None:
+    """Object sizes and overlaps of one image's bool (N, H, W) masks (numpy: torch's bool sums
+    are ~10x slower on hundreds of masks)."""
+    flat = masks.numpy().reshape(len(masks), -1)
+    stats.object_areas += np.count_nonzero(flat, axis=1).tolist()
+    shared = flat.sum(0, dtype=np.int32) > 1
+    if shared.any():
+        stats.overlapping += int(np.count_nonzero((flat & shared).any(1)))
+        stats.overlap_images += 1
 
 
 def thing_classes(labels: torch.Tensor, meta: DatasetMeta) -> torch.Tensor | None:
@@ -181,6 +198,11 @@ def format_stats(stats: SplitStats, meta: DatasetMeta, void_note: str | None = N
         n = stats.instances
         lines.append(f"  instances per image: mean {sum(n) / len(n):.2f}, min {min(n)}, max {max(n)}, "
                      f"{sum(n)} in all")
+    if stats.object_areas:
+        areas = sorted(stats.object_areas)
+        lines.append(f"  objects: {len(areas)} in {len(n)} images; size (pixels) min {areas[0]}, median "
+                     f"{areas[len(areas) // 2]}, max {areas[-1]}; {stats.overlapping} overlap another object "
+                     f"(in {stats.overlap_images} images)")
     return "\n".join(lines)
 
 

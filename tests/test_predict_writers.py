@@ -268,7 +268,7 @@ def test_two_ranks_write_what_one_process_writes(tmp_path):
     assert (one / "instances.json").read_text() == (two / "instances.json").read_text()
     assert (two / "skipped.txt").read_text() == "bad0.png\tx\nbad1.png\tx\n"
     files = _predicted_files(one)
-    assert files == _predicted_files(two) and len(files) == 11  # 5 PNGs, 5 overlays, instances.json
+    assert files == _predicted_files(two) and len(files) == 16  # 5 + 5 PNGs, 5 overlays, json
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
 
 

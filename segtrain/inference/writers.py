@@ -9,6 +9,9 @@ Under OUTPUT, for what the model predicts (`segtrain.predictions`):
   "categories": [{id, name}]}: `pycocotools.coco.COCO(path)` loads it, `coco_gt.loadRes(
   data["annotations"])` takes its detections, `segtrain score task=instance` matches its images
   to the ground truth's by file stem;
+- `instances/<stem>.png`: the instance-id map of the detections scoring >= `score_thresh` (the
+  layout `dataset=instance_folder` reads): 0 = background, k = the k-th best of them, painted from
+  the lowest score up so the best wins where masks overlap; 8-bit, 16-bit past 255 objects;
 - `panoptic/<stem>.png` + `panoptic.json`: COCO panoptic format (RGB-encoded ids; segments_info
   {id, category_id (dataset id), isthing, score, area}), with `images` and `categories`;
 - `overlays/<stem>.jpg` (overlay=true): a picture for people; instances below `score_thresh`
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
+from PIL import Image
 from torch.nn import functional as nnf
 
 from segtrain.data.codecs.file_names import image_stem
@@ -48,7 +52,7 @@ from segtrain.utils.files import write_atomically
 from segtrain.utils.tensors import to_cpu
 
 OUTPUT_FILES = ("instances.json", "panoptic.json", "skipped.txt")
-OUTPUT_DIRS = ("semantic", "panoptic", "overlays")
+OUTPUT_DIRS = ("semantic", "instances", "panoptic", "overlays")
 JPEG_QUALITY = 90
 _PENDING_PER_THREAD = 8  # images queued per write thread before `write` waits (bounds memory)
 
@@ -178,6 +182,9 @@ class PredictionWriter:
             _check_size("instances", tuple(prediction["instances"]["masks"].shape[-2:]), job.size, stem)
             found = predictions_to_results(job.image_id, prediction["instances"], self._thing_meta)
             results = [{**r, "area": _area(r), "iscrowd": 0, "file_name": job.file_name} for r in found]
+            ids = instance_id_map(prediction["instances"], job.size, self.score_thresh)
+            write_atomically(self.output_dir / "instances" / f"{stem}.png",
+                             lambda f: Image.fromarray(ids).save(f, format="PNG"), binary=True)
         panoptic = None
         if "panoptic" in prediction:
             panoptic = self._write_panoptic(job.image_id, stem, prediction, job.size)
@@ -254,6 +261,19 @@ def instance_categories(meta: DatasetMeta) -> list[dict[str, Any]]:
     marked), as {id (the dataset's), name}."""
     return [{"id": meta.category_id(k), "name": meta.classes[k]}
             for k in meta.thing_ids or range(meta.num_classes)]
+
+
+def instance_id_map(instances: dict[str, Any], size: tuple[int, int], score_thresh: float) -> np.ndarray:
+    """(H, W) uint8 (uint16 past 255 objects): 0 background, k the k-th best detection scoring
+    >= score_thresh; painted from the lowest score up, so the best wins where masks overlap."""
+    scores = torch.as_tensor(instances["scores"]).float()
+    keep = (scores >= score_thresh).nonzero().squeeze(1)
+    order = keep[torch.argsort(scores[keep], descending=True, stable=True)].tolist()
+    ids = np.zeros(size, dtype=np.uint16 if len(order) > 255 else np.uint8)
+    masks = torch.as_tensor(instances["masks"])
+    for k in range(len(order), 0, -1):
+        ids[masks[order[k - 1]].bool().numpy()] = k
+    return ids
 
 
 def _area(result: dict) -> float:

@@ -1,1 +1,2 @@
-"""Datasets: the official on-disk layouts, folders of images and masks, and the synthetic shapes."""
+"""Datasets: the official on-disk layouts, folders of images and masks (semantic, instance), the
+synthetic shapes."""

