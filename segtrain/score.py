@@ -23,6 +23,8 @@ def score(cfg: DictConfig) -> dict:
     task = HydraConfig.get().runtime.choices["task"]
     if task not in SCORE_TASKS:
         raise ValueError(f"score task={task!r}; valid tasks: {', '.join(SCORE_TASKS)}")
+    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
+    metrics_path = output if output.suffix == ".json" else output / "metrics.json"
     if task == "semantic":
         from segtrain.metrics.semantic import score_semantic_dirs
 
@@ -30,7 +32,8 @@ def score(cfg: DictConfig) -> dict:
             raise ValueError("score task=semantic needs num_classes=N (the number of classes)")
         class_names = list(cfg.class_names) if cfg.class_names is not None else None
         metrics = score_semantic_dirs(
-            cfg.gt, cfg.pred, int(cfg.num_classes), int(cfg.ignore_index), class_names
+            cfg.gt, cfg.pred, int(cfg.num_classes), int(cfg.ignore_index), class_names,
+            output_dir=metrics_path.parent,  # confusion_matrix.csv / .png beside metrics.json
         )
     elif task == "panoptic":
         from segtrain.metrics.panoptic import score_panoptic
@@ -50,6 +53,5 @@ def score(cfg: DictConfig) -> dict:
             iou_types = [iou_types] if isinstance(iou_types, str) else list(iou_types)
         scorer = score_coco if task == "instance" else score_lvis
         metrics = scorer(cfg.gt, cfg.pred, iou_types, area_from=cfg.area_from, backend=cfg.backend)
-    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
-    report(metrics, output if output.suffix == ".json" else output / "metrics.json")
+    report(metrics, metrics_path)
     return metrics

@@ -19,6 +19,7 @@ from segtrain.metrics.semantic import (
     SemanticEvaluator,
     compute_confusion_matrix,
     score_semantic_dirs,
+    summarize_confusion_matrix,
 )
 
 
@@ -292,3 +293,75 @@ def test_score_semantic_dirs_missing_or_empty_dirs_are_named(tmp_path, label_dir
     with pytest.raises(FileNotFoundError, match=f"{empty} holds no .png"):
         score_semantic_dirs(gt_dir, empty, 3)
     assert os.listdir(gt_dir)  # the fixture's files are untouched
+
+
+# ------------------------------------------------------------- Dice / F-score and the saved matrix
+def test_dice_fscore_precision_recall_follow_mmsegs_definitions_per_class():
+    # rows = ground truth, cols = prediction; class 3 is predicted but never true, class 4 neither
+    cm = torch.tensor([[50, 3, 2, 5, 0], [4, 30, 6, 0, 0], [0, 5, 20, 0, 0], [0, 0, 0, 0, 0],
+                       [0, 0, 0, 0, 0]])
+    m = summarize_confusion_matrix(cm, list("abcde"))
+    for k, name in enumerate("abc"):
+        tp, gt, pred = float(cm[k, k]), float(cm[k].sum()), float(cm[:, k].sum())
+        p, r = tp / pred, tp / gt
+        row = m["per_class"][name]
+        assert row["Dice"] == pytest.approx(100 * 2 * tp / (gt + pred))
+        assert row["Precision"] == pytest.approx(100 * p) and row["Recall"] == pytest.approx(100 * r)
+        assert row["Fscore"] == pytest.approx(100 * 2 * p * r / (p + r))
+    d = m["per_class"]["d"]  # predicted, never true: Dice 0, precision 0, recall and F NaN
+    assert d["Dice"] == 0 and d["Precision"] == 0 and math.isnan(d["Recall"]) and math.isnan(d["Fscore"])
+    assert all(math.isnan(v) for v in m["per_class"]["e"].values())
+    assert m["mDice"] == pytest.approx(np.mean([m["per_class"][n]["Dice"] for n in "abcd"]))
+    assert m["mFscore"] == pytest.approx(np.mean([m["per_class"][n]["Fscore"] for n in "abc"]))
+    assert m["mRecall"] == m["mAcc"]
+
+
+def test_fscore_precision_recall_equal_torchmetrics_on_random_maps():
+    torchmetrics = pytest.importorskip("torchmetrics")  # the bench extra, which make test installs
+    from torchmetrics.functional.classification import (
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    del torchmetrics
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 6, (4, 32, 40), generator=g)
+    target[:, :3] = 255
+    pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target.clamp(max=5),
+                       torch.randint(0, 6, target.shape, generator=g))
+    m = summarize_confusion_matrix(compute_confusion_matrix(pred, target, 6), list("abcdef"))
+    kwargs = {"num_classes": 6, "average": None, "ignore_index": 255, "multidim_average": "global"}
+    for key, fn in (("Fscore", multiclass_f1_score), ("Precision", multiclass_precision),
+                    ("Recall", multiclass_recall)):
+        expected = 100 * fn(pred, target, **kwargs)
+        got = torch.tensor([m["per_class"][n][key] for n in "abcdef"], dtype=torch.float32)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_evaluator_saves_the_matrix_as_csv_and_heatmap_and_draws_it(tmp_path):
+    import csv
+
+    from segtrain.data.meta import DatasetMeta, default_palette
+    from segtrain.metrics.build import build_evaluators
+
+    meta = DatasetMeta(["road", "car", "sky"], default_palette(3))
+    evaluators = build_evaluators(["semantic"], meta, output_dir=tmp_path)
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 1]])
+    evaluators.process([{"semantic": target}], [{"sem_seg": pred}])
+    assert evaluators.figures() == {}  # nothing computed yet
+    evaluators.compute()
+    rows = list(csv.reader((tmp_path / "confusion_matrix.csv").open()))
+    assert rows[0] == ["ground truth \\ prediction", "road", "car", "sky"]
+    assert rows[1:] == [["road", "1", "1", "0"], ["car", "0", "3", "0"], ["sky", "1", "0", "1"]]
+    png = np.asarray(Image.open(tmp_path / "confusion_matrix.png"))
+    figure = evaluators.figures()["confusion_matrix"]
+    assert figure.dtype == torch.uint8 and tuple(figure.shape) == (3, *png.shape[:2])
+    assert np.array_equal(figure.permute(1, 2, 0).numpy(), png)
+    # car's row is all on the diagonal: its cell is viridis' top colour (yellow)
+    from segtrain.metrics.confusion_plot import confusion_heatmap
+
+    plain = confusion_heatmap(torch.tensor([[1, 1, 0], [0, 3, 0], [1, 0, 1]]), ["r", "c", "s"])
+    yellow = torch.tensor([253, 231, 37], dtype=torch.uint8)
+    assert plain.shape[0] == 3 and (plain.reshape(3, -1).t() == yellow).all(1).any()

@@ -80,7 +80,10 @@ class Monitor:
         self.writer.add_scalar("train/images_per_s", images_per_s, step)
         self.writer.add_scalar("train/memory_mb", memory, step)
 
-    def log_metrics(self, step: int, metrics: dict, images: torch.Tensor | None = None) -> None:
+    def log_metrics(self, step: int, metrics: dict, images: torch.Tensor | None = None,
+                    figures: dict[str, torch.Tensor] | None = None) -> None:
+        """Scalars under val/<family>/<name>; `images` (prediction vs truth grid) and `figures`
+        (the evaluators' pictures, e.g. val/confusion_matrix) as TensorBoard images."""
         if not self.enabled:
             return
         flat = flatten_metrics(metrics)
@@ -93,6 +96,8 @@ class Monitor:
             self.writer.add_scalar(f"val/{name}", value, step)
         if images is not None:
             self.writer.add_image("val/prediction_vs_truth", images, step)
+        for name, picture in (figures or {}).items():
+            self.writer.add_image(f"val/{name}", picture, step)
 
     def close(self) -> None:
         self.bar.close()

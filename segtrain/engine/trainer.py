@@ -441,7 +441,8 @@ class Trainer:
         images = None
         if kept and is_main_process() and self.cfg.vis_images:
             images = self.task.visualize(*kept[0], max_images=self.cfg.vis_images)
-        self.monitor.log_metrics(self.state.step, metrics, images)
+        figures = evaluator.figures() if is_main_process() and hasattr(evaluator, "figures") else {}
+        self.monitor.log_metrics(self.state.step, metrics, images, figures)
         return metrics
 
     def _share_rank0_buffers(self) -> None:

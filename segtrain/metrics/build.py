@@ -37,6 +37,14 @@ class Evaluators:
         for evaluator in self.members.values():
             evaluator.process(targets, predictions)
 
+    def figures(self) -> dict[str, Any]:
+        """Pictures the members drew of their last `compute()` (e.g. the semantic confusion
+        matrix), by name, uint8 (3, H, W): what TensorBoard shows beside the metrics."""
+        found: dict[str, Any] = {}
+        for evaluator in self.members.values():
+            found.update(evaluator.figures() if hasattr(evaluator, "figures") else {})
+        return found
+
     def compute(self) -> dict:
         metrics: dict[str, Any] = {}
         for name, evaluator in self.members.items():
@@ -79,7 +87,8 @@ def evaluator_target_keys(names: Iterable[str]) -> tuple[str, ...]:
 def build_evaluators(names: Iterable[str], meta: DatasetMeta, output_dir: str | Path | None = None,
                      gt_json: str | None = None) -> Evaluators:
     """The named evaluators over `meta`'s classes. With `output_dir`, those that write files put
-    them there (coco/lvis: `<name>_instances_results.json`; panoptic: COCO panoptic PNGs + JSON).
+    them there (coco/lvis: `<name>_instances_results.json`; panoptic: COCO panoptic PNGs + JSON;
+    semantic: `confusion_matrix.csv` and `.png`).
     `gt_json`: the COCO/LVIS instances JSON to score against (None: built from the targets)."""
     members: dict[str, Evaluator] = {}
     for name in check_evaluator_names(names):
@@ -93,7 +102,7 @@ def _build_one(name: str, meta: DatasetMeta, output_dir: str | Path | None,
     if name == "semantic":
         from segtrain.metrics.semantic import SemanticEvaluator
 
-        return SemanticEvaluator(meta.num_classes, meta.ignore_index, meta.classes)
+        return SemanticEvaluator(meta.num_classes, meta.ignore_index, meta.classes, output_dir=output_dir)
     if name == "panoptic":
         from segtrain.metrics.panoptic import PanopticEvaluator
 

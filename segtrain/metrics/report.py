@@ -17,6 +17,10 @@ HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
     "bbox": ("AP", "AP50", "AP75"),
     "panoptic": ("PQ", "SQ", "RQ"),
 }
+# Per-class columns of the semantic table, and its second summary line, when the metrics hold
+# them (metrics.json files written before they existed do not).
+SEMANTIC_COLUMNS = ("IoU", "Acc", "Dice", "Fscore", "Precision", "Recall")
+SEMANTIC_SECOND_LINE = ("mDice", "mFscore", "mPrecision", "mRecall")
 
 
 def _fmt(value: Any) -> str:
@@ -27,7 +31,8 @@ def _fmt(value: Any) -> str:
 
 
 def format_semantic_table(metrics: Mapping[str, Any]) -> str:
-    """Per-class IoU/Acc table plus a summary row (mIoU, aAcc, mAcc, fwIoU), two decimals.
+    """Per-class IoU/Acc (and Dice/Fscore/Precision/Recall when present) table plus summary rows
+    (mIoU, aAcc, mAcc, fwIoU; then mDice, mFscore, mPrecision, mRecall), two decimals.
 
     metrics: the evaluator's output (`{"semantic": {...}}`) or its "semantic" part itself.
     """
@@ -38,14 +43,16 @@ def format_semantic_table(metrics: Mapping[str, Any]) -> str:
         )
     per_class = semantic["per_class"]
     width = max([len("class"), *(len(str(name)) for name in per_class)])
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}"]
-    lines += [
-        f"{str(name):<{width}}  {_fmt(v.get('IoU')):>7}  {_fmt(v.get('Acc')):>7}"
-        for name, v in per_class.items()
-    ]
+    present = {key for v in per_class.values() for key in v}
+    columns = [c for c in SEMANTIC_COLUMNS if c in present or c in ("IoU", "Acc")]
+    lines = [f"{'class':<{width}}" + "".join(f"  {c:>9}" for c in columns)]
+    lines += [f"{str(name):<{width}}" + "".join(f"  {_fmt(v.get(c)):>9}" for c in columns)
+              for name, v in per_class.items()]
     rule = "-" * len(lines[0])
-    summary = "  ".join(f"{key} {_fmt(semantic.get(key))}" for key in HEADLINE_KEYS["semantic"])
-    return "\n".join([lines[0], rule, *lines[1:], rule, summary])
+    summary = ["  ".join(f"{key} {_fmt(semantic.get(key))}" for key in HEADLINE_KEYS["semantic"])]
+    if all(key in semantic for key in SEMANTIC_SECOND_LINE):
+        summary.append("  ".join(f"{key} {_fmt(semantic[key])}" for key in SEMANTIC_SECOND_LINE))
+    return "\n".join([lines[0], rule, *lines[1:], rule, *summary])
 
 
 def format_ap_table(metrics: Mapping[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Semantic segmentation metrics (mIoU, aAcc, mAcc, fwIoU) from a confusion matrix."""
+"""Semantic segmentation metrics (mIoU, aAcc, mAcc, fwIoU, mDice, mFscore, mPrecision,
+mRecall) from a confusion matrix; the matrix itself saved as CSV and as a heat-map PNG."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from segtrain.metrics.base import Evaluator
 from segtrain.predictions import semantic_labels
+from segtrain.utils.distributed import is_main_process
 
 # Up to this many rows past the classes, ignore_index gets its own row of the bincount (one fused
 # pass); a farther or negative ignore_index is first remapped to row num_classes instead.
@@ -135,15 +137,19 @@ def compute_confusion_matrix(
 
 
 def summarize_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str]) -> dict:
-    """mIoU, aAcc, mAcc, fwIoU and per-class IoU/Acc in percent from a (C, C) confusion matrix.
+    """mIoU, aAcc, mAcc, fwIoU, mDice, mFscore, mPrecision, mRecall and per-class IoU / Acc /
+    Dice / Fscore / Precision / Recall in percent from a (C, C) confusion matrix.
 
-    Conventions (MMSegmentation for IoU/Acc, FCN / detectron2 for fwIoU):
+    Conventions (MMSegmentation for IoU/Acc/Dice/Fscore, FCN / detectron2 for fwIoU):
     - IoU_c = TP_c / (GT_c + Pred_c - TP_c); NaN when that union is empty over the whole
       evaluation, and NaN classes are left out of mIoU (nanmean). A class predicted but absent
       from the ground truth has IoU 0 and counts.
     - Acc_c = TP_c / GT_c; NaN when the class has no ground-truth pixel, left out of mAcc.
     - aAcc = sum TP / all valid (non-ignored) pixels.
     - fwIoU = sum over classes with GT_c > 0 of (GT_c / all valid pixels) * IoU_c.
+    - Dice_c = 2 TP_c / (GT_c + Pred_c); Precision_c = TP_c / Pred_c; Recall_c = TP_c / GT_c (=
+      Acc_c); Fscore_c = 2 P R / (P + R) (F1, MMSeg's beta 1); each NaN where its denominator is
+      0 and left out of its mean; Fscore is 0 where P + R = 0.
     Every value is a Python float in [0, 100] or NaN (e.g. when no pixel was valid).
     """
     cm = confusion.detach().to("cpu", torch.float64)
@@ -156,15 +162,25 @@ def summarize_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[st
     acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
     has_gt = gt > 0
     fw_iou = float((gt[has_gt] * iou[has_gt]).sum() / total) if total > 0 else math.nan
+    predicted = cm.sum(dim=0)
+    dice = torch.where(gt + predicted > 0, 2 * tp / (gt + predicted).clamp(min=1), nan)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), nan)
+    recall = acc
+    fscore = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall),
+                         torch.where(precision.isnan() | recall.isnan(), nan, 0.0))
+    per_class = {"IoU": iou, "Acc": acc, "Dice": dice, "Fscore": fscore, "Precision": precision,
+                 "Recall": recall}
     return {
         "mIoU": 100 * _nanmean(iou),
         "aAcc": 100 * float(tp.sum()) / total if total > 0 else math.nan,
         "mAcc": 100 * _nanmean(acc),
         "fwIoU": 100 * fw_iou,
-        "per_class": {
-            name: {"IoU": 100 * float(iou[i]), "Acc": 100 * float(acc[i])}
-            for i, name in enumerate(class_names)
-        },
+        "mDice": 100 * _nanmean(dice),
+        "mFscore": 100 * _nanmean(fscore),
+        "mPrecision": 100 * _nanmean(precision),
+        "mRecall": 100 * _nanmean(recall),
+        "per_class": {name: {key: 100 * float(values[i]) for key, values in per_class.items()}
+                      for i, name in enumerate(class_names)},
     }
 
 
@@ -192,8 +208,12 @@ class SemanticEvaluator(Evaluator):
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
         device: torch.device | str | None = None,
+        output_dir: str | os.PathLike | None = None,
     ) -> None:
+        """`output_dir`: also write `confusion_matrix.csv` (pixel counts, rows = ground truth) and
+        `confusion_matrix.png` (rows normalised) there at each `compute()` (rank 0)."""
         super().__init__()
+        self.output_dir = Path(output_dir) if output_dir is not None else None
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes}; expected a positive number of classes")
         names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
@@ -211,6 +231,7 @@ class SemanticEvaluator(Evaluator):
     def reset(self) -> None:
         size = (self.num_classes, self.num_classes)
         self._add_state("confusion", torch.zeros(size, dtype=torch.int64, device=self.device))
+        self._last_confusion: torch.Tensor | None = None
         self._placed = self.device is not None
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -253,7 +274,20 @@ class SemanticEvaluator(Evaluator):
         """This rank's accumulated int64 (C, C) matrix (a copy; not reduced across ranks)."""
         return self.confusion.clone()
 
+    def figures(self) -> dict[str, torch.Tensor]:
+        """Pictures of the last `compute()`: {"confusion_matrix": uint8 (3, H, W) heat map}."""
+        if self._last_confusion is None:
+            return {}
+        from segtrain.metrics.confusion_plot import confusion_heatmap
+
+        return {"confusion_matrix": confusion_heatmap(self._last_confusion, self.class_names)}
+
     def _compute(self, state: dict[str, Any]) -> dict:
+        self._last_confusion = state["confusion"]
+        if self.output_dir is not None and is_main_process():
+            from segtrain.metrics.confusion_plot import write_confusion_matrix
+
+            write_confusion_matrix(state["confusion"], self.class_names, self.output_dir)
         return {"semantic": summarize_confusion_matrix(state["confusion"], self.class_names)}
 
 
@@ -294,6 +328,7 @@ def score_semantic_dirs(
     ignore_index: int = 255,
     class_names: Sequence[str] | None = None,
     num_workers: int | None = None,
+    output_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Score a folder of predicted label PNGs against a folder of ground-truth label PNGs.
 
@@ -304,11 +339,12 @@ def score_semantic_dirs(
 
     Each pair is decoded and counted on one of `num_workers` threads (default: CPUs, at most 4);
     PNG decoding and torch ops release the GIL. On a busy 2-core machine one thread was 8x
-    slower than two: torch's intra-op threads stall when the other core is taken.
+    slower than two: torch's intra-op threads stall when the other core is taken. `output_dir`:
+    also write the confusion matrix there (`SemanticEvaluator`'s files).
     """
     from segtrain.data.codecs.image_io import read_label
 
-    evaluator = SemanticEvaluator(num_classes, ignore_index, class_names)
+    evaluator = SemanticEvaluator(num_classes, ignore_index, class_names, output_dir=output_dir)
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     gts = _png_stems(gt_dir, "ground-truth")
     preds = _png_stems(pred_dir, "prediction")
