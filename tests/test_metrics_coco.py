@@ -337,3 +337,29 @@ def test_an_unknown_backend_is_named(tmp_path):
     gt, results = make_case(0, num_images=2)
     with pytest.raises(ValueError, match="backend='cocoapi'.*'fast', 'pycocotools'"):
         score_coco(*_write(tmp_path, gt, results), backend="cocoapi")
+
+
+def test_per_class_ap_is_saved_as_csv_beside_the_results(tmp_path):
+    import csv
+
+    from segtrain.data.datasets.synthetic import SyntheticDataset
+
+    data = SyntheticDataset(split="val", num_samples=3, image_size=48, num_classes=4)
+    evaluator = COCOEvaluator(data.meta, results_path=tmp_path / "coco_instances_results.json")
+    for i in range(3):
+        _, target = data[i]
+        keep = torch.arange(len(target["labels"])) % 2 == 0  # half the objects found, perfectly
+        found = {"masks": target["masks"][keep].bool(), "boxes": target["boxes"][keep].float(),
+                 "labels": target["labels"][keep], "scores": torch.ones(int(keep.sum()))}
+        evaluator.process([target], [{"instances": found}])
+    metrics = evaluator.compute()
+    rows = list(csv.reader((tmp_path / "coco_per_class_ap.csv").open()))
+    assert rows[0] == ["class", "segm AP", "bbox AP"]
+    table = {row[0]: row[1:] for row in rows[1:]}
+    assert set(table) == set(metrics["segm"]["per_class"])
+    for name, (segm, bbox) in table.items():
+        for value, family in ((segm, "segm"), (bbox, "bbox")):
+            expected = metrics[family]["per_class"][name]["AP"]
+            assert (value == "" and math.isnan(expected)) or float(value) == pytest.approx(expected,
+                                                                                          abs=1e-4)
+    assert any(0 < float(v) < 100 for v, _ in table.values() if v), "the test needs a partial AP"

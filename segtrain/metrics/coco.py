@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
 import io
 import json
 import math
@@ -424,6 +425,25 @@ class InstanceEvaluator(Evaluator):
         if self.results_path is not None and is_main_process():
             write_results(results, self.results_path)
 
+    def _write_per_class(self, metrics: dict) -> dict:
+        """Beside the results JSON, `<name>_per_class_ap.csv`: one row per class, its AP per IoU
+        type (segm, bbox), as the metrics' per_class tables; returns `metrics`."""
+        if self.results_path is None or not is_main_process():
+            return metrics
+        families = [f for f in ("segm", "bbox") if "per_class" in metrics.get(f, {})]
+        names = list(dict.fromkeys(n for f in families for n in metrics[f]["per_class"]))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["class", *(f"{f} AP" for f in families)])
+        for name in names:
+            values = [metrics[f]["per_class"].get(name, {}).get("AP") for f in families]
+            writer.writerow([name, *("" if v is None or v != v else f"{v:.4f}" for v in values)])
+        prefix = self.results_path.name.split("_instances_results")[0]
+        text = buffer.getvalue()
+        write_atomically(self.results_path.parent / f"{prefix}_per_class_ap.csv", lambda f: f.write(text),
+                         binary=False)
+        return metrics
+
 
 class COCOEvaluator(InstanceEvaluator):
     """COCO mask/box AP and AR of instance predictions, gathered across ranks.
@@ -484,5 +504,6 @@ class COCOEvaluator(InstanceEvaluator):
         validate_results(results, coco_gt.dataset, "predictions")
         self._write_results(results)
         image_ids = None if self._gt_source is None else [img["id"] for img in state["images"]]
-        return evaluate_coco(coco_gt, results, self.iou_types, self.area_from, self.max_dets,
-                             image_ids, self.backend)
+        return self._write_per_class(evaluate_coco(coco_gt, results, self.iou_types, self.area_from,
+                                                   self.max_dets, image_ids, self.backend))
+

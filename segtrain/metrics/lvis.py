@@ -245,5 +245,5 @@ class LVISEvaluator(InstanceEvaluator):
         results = state["results"]
         validate_results(results, self._gt, "predictions")
         self._write_results(results)
-        return evaluate_lvis(self._gt, results, self.iou_types, self.area_from, state["image_ids"],
-                             self.backend)
+        return self._write_per_class(evaluate_lvis(self._gt, results, self.iou_types, self.area_from,
+                                                   state["image_ids"], self.backend))
