@@ -4,6 +4,8 @@ the loader options, and the checks that they fit. Shared by train, eval, predict
 from __future__ import annotations
 
 import inspect
+import json
+import logging
 import re
 from typing import Any
 
@@ -14,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain.data.loader import LoaderOptions
 from segtrain.metrics.build import evaluator_target_keys
+
+log = logging.getLogger("segtrain.builders")
 
 
 def build_data(cfg: DictConfig) -> tuple[Any, Any]:
@@ -37,6 +41,44 @@ def fill_class_counts(cfg: DictConfig, meta: Any) -> None:
         for key, value in counts.items():
             if key in cfg.dataset and cfg.dataset[key] is None:
                 cfg.dataset[key] = value
+
+
+def resolve_class_weights(cfg: DictConfig, dataset: Any) -> None:
+    """`class_weights: auto | median_frequency | inverse` anywhere in `cfg.loss` becomes the list
+    of weights computed from `dataset`'s pixel shares (segtrain.losses.class_weights), logged,
+    and stored so: the run's checkpoint holds the numbers, eval never recounts."""
+    if cfg.get("loss") is None:
+        return
+    nodes = [node for node in _config_nodes(cfg.loss) if isinstance(node.get("class_weights"), str)]
+    if not nodes:
+        return
+    from segtrain.losses.class_weights import balanced_weights, class_pixel_counts
+
+    meta = dataset.meta
+    train_cfg = OmegaConf.to_container(cfg.dataset.train, resolve=True)
+    train_cfg.pop("transforms", None)  # augmentation does not change what the data holds
+    data_key = json.dumps(train_cfg, sort_keys=True, default=str)
+    log.info("class_weights: counting the training set's pixels per class (cached after this run)")
+    counts = class_pixel_counts(dataset, meta.num_classes, meta.ignore_index, data_key)
+    for node in nodes:
+        mode = str(node.class_weights)
+        weights = balanced_weights(counts, mode)
+        shares = counts.double() / max(int(counts.sum()), 1)
+        log.info("class_weights=%s: %s", mode, ", ".join(
+            f"{name} {float(w):.3g} ({100 * float(p):.2f}% of pixels)"
+            for name, w, p in zip(meta.classes, weights, shares)))
+        with open_dict(node):
+            node.class_weights = [round(float(w), 6) for w in weights]
+
+
+def _config_nodes(node: Any) -> list[DictConfig]:
+    """`node` and every DictConfig nested in it (a combined loss's terms)."""
+    if not isinstance(node, DictConfig):
+        return []
+    found = [node]
+    for key in node:
+        found += _config_nodes(node.get(key))
+    return found
 
 
 def resolve_task_mode(cfg: DictConfig, dataset: Any) -> None:

@@ -19,6 +19,7 @@ from segtrain.builders import (
     check_loss_applies,
     check_task_fits_data,
     loader_options,
+    resolve_class_weights,
     resolve_task_mode,
 )
 from segtrain.config_check import check_class_counts, check_config
@@ -82,6 +83,7 @@ def train(cfg: DictConfig) -> float | None:
     train_set, val_set = build_data(cfg)
     check_class_counts(cfg)  # counts left null are known now
     resolve_task_mode(cfg, train_set)
+    resolve_class_weights(cfg, train_set)
     meta = train_set.meta
     check_loss_applies(cfg)
     task = build_task(cfg, meta)

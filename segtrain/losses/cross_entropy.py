@@ -49,7 +49,7 @@ class CrossEntropyLoss(nn.Module):
     def __init__(
         self,
         ignore_index: int = 255,
-        class_weights: Sequence[float] | None = None,
+        class_weights: Sequence[float] | str | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
@@ -86,7 +86,7 @@ class OhemCrossEntropyLoss(nn.Module):
         ignore_index: int = 255,
         thresh: float = 0.7,
         min_kept: int = 100_000,
-        class_weights: Sequence[float] | None = None,
+        class_weights: Sequence[float] | str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= thresh <= 1.0:

@@ -38,11 +38,15 @@ def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Ten
 
 
 def class_weight_tensor(
-    class_weights: Sequence[float] | None, name: str
+    class_weights: Sequence[float] | str | None, name: str
 ) -> torch.Tensor | None:
     """float32 (C,) from a list of per-class weights (None stays None); negatives are an error."""
     if class_weights is None:
         return None
+    if isinstance(class_weights, str):
+        raise ValueError(f"{name}: class_weights={class_weights!r} is resolved from the training set by "
+                         "`segtrain train` (auto | median_frequency | inverse); built directly, it needs "
+                         "a list of weights, one per class")
     weights = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
     if weights.dim() != 1 or weights.numel() == 0 or bool((weights < 0).any()):
         raise ValueError(
