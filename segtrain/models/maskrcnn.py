@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -14,11 +14,13 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, m
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from segtrain.models.backbones import TIMM_PREFIX, build_backbone
 from segtrain.models.backbones.torchvision_backbones import available, family
 from segtrain.models.fpn import BackboneFPN
+from segtrain.models.ms_rcnn import MaskIoUHead, MaskScoringRoIHeads
+from segtrain.models.pafpn import NECKS, AdaptiveRoIPool, add_bottom_up_path
 from segtrain.models.weights import load_matching, load_state_dict_from_spec, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,10 @@ BACKBONES = (*RESNETS, "mobilenet_v3_large")
 # State-dict prefixes whose shape depends on the number of classes: re-initialised when a
 # checkpoint (e.g. COCO's 91 classes) was trained for another class count.
 PREDICTOR_HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+# Parts a plain Mask R-CNN checkpoint lacks (PANet's bottom-up path, the MaskIoU head): they keep
+# their fresh initialisation when a COCO Mask R-CNN file starts a PANet / Mask Scoring model.
+OPTIONAL_HEADS = ("backbone.fpn.extra_blocks.", "roi_heads.maskiou_head.")
+_FPN_LEVELS = ["0", "1", "2", "3"]  # the levels torchvision's RoI pools read (present ones)
 _MAX_TRAINABLE = {"mobilenet_v3_large": 6}  # torchvision's count of MobileNetV3 stages; others: 5 (stem + 4)
 
 
@@ -54,6 +60,10 @@ def build_maskrcnn(
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
     drop_path_rate: float | None = None,
+    neck: str = "fpn",
+    adaptive_pooling: bool = False,
+    mask_scoring: bool = False,
+    anchor_sizes: Sequence[int] | None = None,
 ) -> MaskRCNN:
     """torchvision's Mask R-CNN with an FPN over `backbone`.
 
@@ -83,8 +93,19 @@ def build_maskrcnn(
     starting from pretrained weights; from scratch every layer trains, as in torchvision.
     `drop_path_rate` is the stochastic depth of ConvNeXt / Swin / EfficientNet / timm backbones
     (Swin's detection recipes: 0.2); null for the others.
+
+    PANet's options (`segtrain.models.pafpn`): `neck="pafpn"` adds the bottom-up path
+    augmentation after the FPN, `adaptive_pooling` pools every RoI from every level and fuses by
+    max. `mask_scoring` is Mask Scoring R-CNN (`segtrain.models.ms_rcnn`): a MaskIoU head (4 convs
+    of mask_head_channels, 2 FC of representation_size) adds `loss_maskiou` and rescores each
+    detection by its predicted mask IoU. With the defaults (fpn, no adaptive pooling, no mask
+    scoring) the model and its state-dict keys are torchvision's. `anchor_sizes`: the RPN's anchor
+    size per FPN level, 5 of them (null = torchvision's 32, 64, 128, 256, 512; smaller ones for
+    small objects); 3 aspect ratios each, so the RPN head (and its weights) is unchanged.
     """
     _validate(num_classes, backbone, version, drop_path_rate)
+    if neck not in NECKS:
+        raise ValueError(f"model.neck={neck!r}; expected one of {', '.join(NECKS)}")
     # Find the files before the (slow) construction, so that a missing one fails at once
     # (timm backbones also take weights_backbone=cache, which build_backbone checks).
     checks = [(weights, "model.weights")]
@@ -113,18 +134,23 @@ def build_maskrcnn(
                               weights=weights_backbone if weights is None else None,
                               drop_path_rate=drop_path_rate)
         fpn = BackboneFPN(body, 256, norm_layer=nn.BatchNorm2d if version == 2 else None)
+    if neck == "pafpn":  # v2 normalises the new convolutions as its FPN's
+        add_bottom_up_path(fpn.fpn, fpn.out_channels, nn.BatchNorm2d if version == 2 else None)
+    pool = AdaptiveRoIPool if adaptive_pooling else MultiScaleRoIAlign
     model = MaskRCNN(
         fpn,
         num_classes=None,  # the predictors below carry it
         min_size=min_size,
         max_size=max_size,
-        rpn_anchor_generator=_anchor_generator(backbone),
+        rpn_anchor_generator=_anchor_generator(backbone, anchor_sizes),
         rpn_head=_rpn_head(fpn.out_channels, backbone, version),
         rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
         rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_roi_pool=pool(_FPN_LEVELS, 7, 2),  # torchvision's default pools, or PANet's
+        mask_roi_pool=pool(_FPN_LEVELS, 14, 2),
         box_head=_box_head(fpn.out_channels, representation_size, version),
         box_predictor=FastRCNNPredictor(representation_size, num_classes),
         box_batch_size_per_image=box_batch_size_per_image,
@@ -134,12 +160,16 @@ def build_maskrcnn(
         mask_head=_mask_head(fpn.out_channels, mask_head_channels, version),
         mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
     )
+    if mask_scoring:
+        model.roi_heads = MaskScoringRoIHeads(model.roi_heads, MaskIoUHead(
+            fpn.out_channels, num_classes, mask_head_channels, representation_size))
     if weights is not None:
         if weights_backbone is not None:
             log.warning("maskrcnn: model.weights=%s already holds the backbone; ignoring "
                         "model.weights_backbone=%s", weights, weights_backbone)
         state_dict = load_state_dict_from_spec(weights, option="model.weights")
-        load_matching(model, _fit_batch_counters(model, state_dict), reinit_prefixes=PREDICTOR_HEADS,
+        load_matching(model, _fit_batch_counters(model, state_dict),
+                      reinit_prefixes=(*PREDICTOR_HEADS, *OPTIONAL_HEADS),
                       source=f"model.weights={weights}")
     elif weights_backbone is not None and backbone in BACKBONES:  # the others loaded it themselves
         _load_backbone(model, backbone, weights_backbone)
@@ -175,10 +205,14 @@ def _fpn_backbone(name: str, trainable: int, frozen: bool, version: int) -> nn.M
     return _resnet_fpn_extractor(body, trainable, norm_layer=nn.BatchNorm2d if version == 2 else None)
 
 
-def _anchor_generator(backbone: str) -> AnchorGenerator:
+def _anchor_generator(backbone: str, anchor_sizes: Sequence[int] | None = None) -> AnchorGenerator:
+    sizes = tuple(int(size) for size in (anchor_sizes or (32, 64, 128, 256, 512)))
+    if len(sizes) != 5 or min(sizes) <= 0:
+        raise ValueError(f"model.anchor_sizes={list(anchor_sizes)}; expected 5 positive sizes in "
+                         "pixels, one per FPN level (torchvision's: [32, 64, 128, 256, 512])")
     if backbone == "mobilenet_v3_large":  # 3 coarse levels share every size (torchvision's choice)
-        return AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
-    return AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        return AnchorGenerator((sizes,) * 3, ((0.5, 1.0, 2.0),) * 3)
+    return AnchorGenerator(tuple((size,) for size in sizes), ((0.5, 1.0, 2.0),) * 5)
 
 
 def _rpn_head(channels: int, backbone: str, version: int) -> RPNHead:

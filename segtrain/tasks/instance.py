@@ -18,6 +18,8 @@ from segtrain.utils.tensors import move_to
 # The loss dict of torchvision's Mask R-CNN in train mode.
 EVALUATORS = ("coco", "lvis")
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+# Added by Mask Scoring R-CNN's MaskIoU head (model.mask_scoring=true, model=ms_rcnn).
+OPTIONAL_LOSS_NAMES = ("loss_maskiou",)
 _VIS_SCORE = 0.5  # detections drawn in TensorBoard images
 
 
@@ -61,10 +63,10 @@ class InstanceTask:
             raise ValueError(f"task.num_classes={num_classes} but the dataset metadata names "
                              f"{meta.num_classes} classes; they must agree (background included)")
         weights = dict(loss_weights or {})
-        unknown = sorted(set(weights) - set(LOSS_NAMES))
+        unknown = sorted(set(weights) - {*LOSS_NAMES, *OPTIONAL_LOSS_NAMES})
         if unknown:
             raise KeyError(f"task.loss_weights has unknown losses {unknown}; expected some of "
-                           f"{', '.join(LOSS_NAMES)}")
+                           f"{', '.join((*LOSS_NAMES, *OPTIONAL_LOSS_NAMES))}")
         if evaluator not in EVALUATORS:
             raise ValueError(f"task.evaluator={evaluator!r}; expected one of {', '.join(EVALUATORS)}")
         if evaluator == "lvis" and gt_json is None:
