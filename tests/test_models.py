@@ -23,11 +23,13 @@ MODEL_YAMLS = sorted(MODEL_DIR.glob("*.yaml"))
 LRASPP_FILE = "lraspp_mobilenet_v3_large-d234d4ea.pth"
 MOBILENET_FILE = "mobilenet_v3_large-8738ca79.pth"
 # Instance segmentation models follow torchvision's detection contract instead of {"out": ...}.
-INSTANCE_MODELS = {"maskrcnn", "maskrcnn_v2", "maskrcnn_small"}
+INSTANCE_MODELS = {"maskrcnn", "maskrcnn_v2", "maskrcnn_small", "ms_rcnn"}
 # Panoptic FPN: the detection contract plus `sem_seg` logits; keyword args pass to build_maskrcnn.
 PANOPTIC_MODELS = {"panoptic_fpn", "panoptic_fpn_small"}
 # Query-based models: per-query class logits (+ "no object") and mask logits at stride 4.
 QUERY_MODELS = {"mask2former"}
+# Spatial embeddings: a U-Net whose "out" holds 2 offsets + n_sigma sigma + one seed map per thing.
+EMBEDDING_MODELS = {"spatial_embeddings"}
 
 
 def _model_cfg(path: Path):
@@ -55,7 +57,7 @@ def test_every_torchvision_builder_has_a_config():
 
     encoder_decoders = {"unet", "fcn", "deeplabv3plus", "pspnet", "upernet", "segformer"}
     assert {path.stem for path in MODEL_YAMLS} == (set(MODELS) | encoder_decoders | INSTANCE_MODELS
-                                                   | PANOPTIC_MODELS | QUERY_MODELS)
+                                                   | PANOPTIC_MODELS | QUERY_MODELS | EMBEDDING_MODELS)
 
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
@@ -98,6 +100,11 @@ def test_model_config_instantiates_and_obeys_the_output_contract(path):
         assert out["pred_logits"].shape == (2, queries, 6)  # 5 classes + "no object"
         assert out["pred_masks"].shape == (2, queries, 16, 24)
         assert all(torch.isfinite(v).all() for v in out.values())
+        return
+    if path.stem in EMBEDDING_MODELS:  # 4 things (dataset.num_things)
+        out = _outputs(model, size=(64, 48))
+        assert set(out) == {"out"} and out["out"].shape == (2, 2 + cfg.model.n_sigma + 4, 64, 48)
+        assert torch.isfinite(out["out"]).all()
         return
     aux_on = bool(cfg.model.get("aux_loss", cfg.model.get("aux_head", False)))
     out = _outputs(model, size=(64, 48))

@@ -15,7 +15,8 @@ from segtrain.predictions import check_prediction, instance_meta, semantic_label
 MODEL_NAMES = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 # The synthetic dataset a model family trains on, by the task its config selects.
 DATASET_OF_TASK = {"semantic": "synthetic", "instance": "synthetic_instance",
-                   "panoptic": "synthetic_panoptic", "mask2former": "synthetic_panoptic"}
+                   "panoptic": "synthetic_panoptic", "mask2former": "synthetic_panoptic",
+                   "spatial_embeddings": "synthetic_cells"}
 SMALL_DETECTOR = ["model.min_size=64", "model.max_size=64", "model.rpn_pre_nms_top_n_test=50",
                   "model.rpn_post_nms_top_n_test=20"]
 

@@ -73,3 +73,12 @@ class LovaszSoftmaxLoss(nn.Module):
         per_group = safe_divide((losses * chosen).sum(dim=1), chosen.sum(dim=1).float())
         has_pixels = mask.flatten(1).any(dim=1).float()
         return safe_divide((per_group * has_pixels).sum(), has_pixels.sum())
+
+
+def lovasz_hinge_per_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary Lovász hinge (Berman et al. 2018) of each row, as the reference's `lovasz_hinge`
+    with per_image over rows: logits float (M, P) (> 0 = foreground), labels bool (M, P) ->
+    float32 (M,). Hinge errors <= 0 add nothing, so they are clamped before the shared sort."""
+    fg = labels.float()
+    errors = (1.0 - logits.float() * (2.0 * fg - 1.0)).relu()
+    return _lovasz_per_class(errors.t()[None], fg.t()[None])[0]

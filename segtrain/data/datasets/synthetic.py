@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from segtrain.data.datasets.panoptic import masks_to_boxes, panoptic_targets
+from segtrain.data.datasets.synthetic_cells import CELL_KINDS, draw_cells
 from segtrain.data.datasets.synthetic_shapes import SHAPE_FNS, class_hues, hsv_to_rgb, outline_band
 from segtrain.data.meta import DatasetMeta, default_palette
 
@@ -69,6 +70,10 @@ class SyntheticDataset(Dataset):
     image also holds a crowd: 4..7 small shapes of one kind forming one segment with iscrowd=1,
     left out of the instance targets. `void_border` makes pixels near any segment outline
     VOID (panoptic 0, semantic 255, not in `masks`).
+
+    Cells mode (`mode="cells"`, see `synthetic_cells.py`): instead of a few large shapes,
+    max_shapes // 3 .. max_shapes small touching cells (radius 4-12 px at 128 px) of
+    `num_classes - 1` (1..3) kinds, CELL_KINDS; the same targets as the shapes mode.
     """
 
     def __init__(
@@ -83,7 +88,16 @@ class SyntheticDataset(Dataset):
         transforms: Callable | None = None,
         stuff_classes: int = 0,
         crowd_prob: float = 0.0,
+        mode: str = "shapes",
     ) -> None:
+        if mode not in ("shapes", "cells"):
+            raise ValueError(f"SyntheticDataset(mode={mode!r}): expected 'shapes' or 'cells'")
+        if mode == "cells" and (stuff_classes or not 2 <= num_classes <= len(CELL_KINDS) + 1):
+            raise ValueError(
+                f"SyntheticDataset(mode='cells', num_classes={num_classes}, stuff_classes="
+                f"{stuff_classes}): cells have no stuff; expected num_classes 2..{len(CELL_KINDS) + 1} "
+                f"(background + up to {len(CELL_KINDS)} kinds: {', '.join(CELL_KINDS)})"
+            )
         if stuff_classes:
             self._check_panoptic_args(num_classes, stuff_classes, crowd_prob)
         elif crowd_prob:
@@ -110,6 +124,7 @@ class SyntheticDataset(Dataset):
         self.void_border, self.transforms = int(void_border), transforms
         self.ignore_index = 255
         self.stuff_classes, self.crowd_prob = int(stuff_classes), float(crowd_prob)
+        self.mode = mode
         # Shape kinds are 1..K in both modes; the background is class 0 or the stuff classes.
         self._num_kinds = self.num_classes - max(self.stuff_classes, 1)
         self.meta = self._build_meta()
@@ -132,7 +147,7 @@ class SyntheticDataset(Dataset):
         return image, target
 
     def _build_meta(self) -> DatasetMeta:
-        kinds = list(SHAPES[: self._num_kinds])
+        kinds = list((CELL_KINDS if self.mode == "cells" else SHAPES)[: self._num_kinds])
         if not self.stuff_classes:
             return DatasetMeta(
                 classes=["background", *kinds],
@@ -171,6 +186,12 @@ class SyntheticDataset(Dataset):
             return self._generate_panoptic(g, index)
         height, width = self.size
         image = self._background(g)
+        if self.mode == "cells":
+            owner = torch.zeros(height, width, dtype=torch.int64)
+            kinds = draw_cells(self, g, image, owner)
+            image += torch.randn(image.shape, generator=g) * 0.02
+            image = (image.clamp_(0.0, 1.0) * 255.0).round_().to(torch.uint8)
+            return tv_tensors.Image(image), self._target(owner, kinds, index)
         count = int(torch.randint(1, self.max_shapes + 1, (1,), generator=g))
         kinds = torch.randint(1, self.num_classes, (count,), generator=g)
         # Columns: radius, rotation, proportions a and b, shading angle and strength,
