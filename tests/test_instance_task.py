@@ -245,3 +245,17 @@ def test_maskrcnn_config_selects_the_instance_task_with_the_dataset_meta(compose
 def test_meta_and_num_classes_must_agree(dataset):
     with pytest.raises(ValueError, match="num_classes=4.*6 classes"):
         InstanceTask(4, meta=dataset.meta)
+
+
+def test_max_dets_reach_the_coco_evaluator_and_name_its_recall_keys(dataset):
+    task = InstanceTask(num_classes=6, meta=dataset.meta, max_dets=[1, 100, 1000])
+    evaluator = task.build_evaluator().members["coco"]
+    assert evaluator.max_dets == (1, 100, 1000)
+    _, target = dataset[0]
+    found = {"masks": target["masks"].bool(), "boxes": target["boxes"].float(), "labels": target["labels"],
+             "scores": torch.ones(len(target["labels"]))}
+    evaluator.process([target], [{"instances": found}])
+    metrics = evaluator.compute()
+    assert {"AR1", "AR100", "AR1000"} <= set(metrics["segm"]) and "AR10" not in metrics["segm"]
+    with pytest.raises(ValueError, match="task.max_dets"):
+        InstanceTask(num_classes=6, meta=dataset.meta, max_dets=[100, 10, 1])

@@ -85,19 +85,20 @@ def evaluator_target_keys(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def build_evaluators(names: Iterable[str], meta: DatasetMeta, output_dir: str | Path | None = None,
-                     gt_json: str | None = None) -> Evaluators:
+                     gt_json: str | None = None, max_dets: Sequence[int] | None = None) -> Evaluators:
     """The named evaluators over `meta`'s classes. With `output_dir`, those that write files put
     them there (coco/lvis: `<name>_instances_results.json`; panoptic: COCO panoptic PNGs + JSON;
     semantic: `confusion_matrix.csv` and `.png`).
-    `gt_json`: the COCO/LVIS instances JSON to score against (None: built from the targets)."""
+    `gt_json`: the COCO/LVIS instances JSON to score against (None: built from the targets).
+    `max_dets`: COCO's three detection caps (None: 1, 10, 100); AP counts the last, AR each."""
     members: dict[str, Evaluator] = {}
     for name in check_evaluator_names(names):
-        members[name] = _build_one(name, meta, output_dir, gt_json)
+        members[name] = _build_one(name, meta, output_dir, gt_json, max_dets)
     return Evaluators(members)
 
 
 def _build_one(name: str, meta: DatasetMeta, output_dir: str | Path | None,
-               gt_json: str | None) -> Evaluator:
+               gt_json: str | None, max_dets: Sequence[int] | None = None) -> Evaluator:
     # Imported per evaluator: pycocotools and the panoptic code load only when used.
     if name == "semantic":
         from segtrain.metrics.semantic import SemanticEvaluator
@@ -120,4 +121,4 @@ def _build_one(name: str, meta: DatasetMeta, output_dir: str | Path | None,
     from segtrain.metrics.coco import COCOEvaluator
 
     return COCOEvaluator(instance_meta(meta), gt=gt_json, iou_types=("segm", "bbox"),
-                         area_from="mask", results_path=results)
+                         area_from="mask", results_path=results, max_dets=max_dets or (1, 10, 100))

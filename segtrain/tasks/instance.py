@@ -36,6 +36,7 @@ class InstanceTask:
     required_targets = ("boxes", "masks", "labels")  # target keys a dataset item must have
     primary_metric = "segm/AP"  # what trainer.best_metric=auto selects best.pt by
     prediction_keys = ("instances",)  # what `predict` returns (segtrain.predictions)
+    max_dets: tuple[int, ...] = (1, 10, 100)  # COCO's detection caps (AP counts the last)
 
     def __init__(
         self,
@@ -46,13 +47,14 @@ class InstanceTask:
         gt_json: str | None = None,
         evaluator: str = "coco",
         evaluators: Sequence[str] | None = None,
+        max_dets: Sequence[int] = (1, 10, 100),
     ) -> None:
         """`num_classes` counts the background; `meta` gives class names, colours and dataset
         category ids (generic names when None); `loss_weights` multiplies named parts of the
         model's loss dict (others weigh 1); `gt_json` is COCO-format ground truth for the
         evaluator (None: built from the batches' targets); `evaluator` is "coco" or "lvis" (LVIS's
         federated rules, which need `gt_json`); `evaluators` the evaluators to run (None: that
-        one)."""
+        one); `max_dets` COCO's three detection caps (AP counts the last; AR keys follow them)."""
         if isinstance(meta, Mapping):
             meta = DatasetMeta.from_dict(dict(meta))
         if meta is None:
@@ -78,6 +80,10 @@ class InstanceTask:
         self.mask_threshold, self.gt_json = float(mask_threshold), gt_json
         self.evaluator = evaluator
         self.evaluators = check_evaluator_names(evaluators or (evaluator,), self.prediction_keys)
+        self.max_dets = tuple(int(m) for m in max_dets)
+        if len(self.max_dets) != 3 or list(self.max_dets) != sorted(self.max_dets) or self.max_dets[0] < 1:
+            raise ValueError(f"task.max_dets={list(max_dets)}; expected three increasing caps as COCO's "
+                             "[1, 10, 100] (dense images: [1, 100, 1000])")
 
     # ------------------------------------------------------------------------------ batching
     def collate(self, samples: list[tuple[Any, dict]]) -> dict[str, Any]:
@@ -168,7 +174,8 @@ class InstanceTask:
         """The configured evaluators (default: COCO's or LVIS's mask and box AP/AR, areas from the
         masks as detectron2). With `output_dir`, the detections are also written there as a
         standard results JSON (`coco_instances_results.json` / `lvis_instances_results.json`)."""
-        return build_evaluators(self.evaluators, self.meta, output_dir=output_dir, gt_json=self.gt_json)
+        return build_evaluators(self.evaluators, self.meta, output_dir=output_dir, gt_json=self.gt_json,
+                                max_dets=self.max_dets)
 
     # -------------------------------------------------------------------------------- visuals
     def visualize(self, batch: dict[str, Any], predictions: list[dict[str, torch.Tensor]],
