@@ -26,7 +26,15 @@ def test_old_checkpoint_evaluates_to_the_metrics_it_gave_when_written(ckpt, tmp_
     assert run.returncode == 0, run.stderr
     got = json.loads((tmp_path / "out" / "metrics.json").read_text())
     expected = json.loads(ckpt.with_suffix(".metrics.json").read_text())
-    assert got == expected
+    assert _recorded_part(got, expected) == expected
+
+
+def _recorded_part(got, expected):
+    """`got` restricted to the keys the fixture recorded: metrics added since (e.g. mDice) are
+    new numbers, not changed ones; every recorded number must still be equal."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        return {k: _recorded_part(got[k], v) if k in got else None for k, v in expected.items()}
+    return got
 
 
 @pytest.mark.parametrize("ckpt", CHECKPOINTS, ids=lambda p: p.stem)
