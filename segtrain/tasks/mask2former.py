@@ -20,9 +20,9 @@ from segtrain.metrics.build import Evaluators, build_evaluators, check_evaluator
 from segtrain.models.mask2former.inference import panoptic_segments, semantic_scores, top_instances
 from segtrain.models.mask2former.model import LOSS_NAMES
 from segtrain.tasks.instance import InstanceTask, _plain, _size
+from segtrain.tasks.padded_batch import PaddedBatchTask, pad_images
 from segtrain.tasks.panoptic import PanopticTask
 from segtrain.tasks.semantic import SemanticTask
-from segtrain.utils.tensors import move_to
 
 MODES = ("semantic", "instance", "panoptic")
 _REQUIRED = {"semantic": ("semantic",), "instance": ("masks", "labels"), "panoptic": ("panoptic", "segments")}
@@ -43,7 +43,7 @@ def _mode_of_target(target: Mapping[str, Any]) -> str:
                      f"items have only {sorted(k for k in target if k not in ('image_id', 'orig_size'))}")
 
 
-class Mask2FormerTask:
+class Mask2FormerTask(PaddedBatchTask):
     """Batches: `images` uint8 (N, 3, H, W) padded (bottom/right) to multiples of
     `size_divisibility`; `sizes` each image's (H, W) before padding; `targets` the dataset's
     target dicts (plain tensors, for the evaluators); with annotations `train_targets`: per image
@@ -116,17 +116,12 @@ class Mask2FormerTask:
     def collate(self, samples: list[tuple[Any, dict]]) -> dict[str, Any]:
         """Pad images to a common size divisible by `size_divisibility`; segments per image when
         the samples are annotated (not so for `predict`'s new images)."""
-        div = self.size_divisibility
-        height = -(-max(image.shape[-2] for image, _ in samples) // div) * div
-        width = -(-max(image.shape[-1] for image, _ in samples) // div) * div
-        images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
-        for i, (image, _) in enumerate(samples):
-            images[i, :, : image.shape[-2], : image.shape[-1]] = image
+        images, sizes = pad_images(samples, self.size_divisibility)
         targets = [_plain(target) for _, target in samples]
-        batch = {"images": images, "targets": targets,
-                 "sizes": [(int(image.shape[-2]), int(image.shape[-1])) for image, _ in samples]}
+        batch = {"images": images, "targets": targets, "sizes": sizes}
         if all(k in t for t in targets for k in self.required_targets):
-            batch["train_targets"] = [self.segments(t, (height, width)) for t in targets]
+            canvas = (images.shape[-2], images.shape[-1])
+            batch["train_targets"] = [self.segments(t, canvas) for t in targets]
         return batch
 
     def segments(self, target: Mapping[str, Any], canvas: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -159,17 +154,6 @@ class Mask2FormerTask:
         pad = (0, canvas[1] - width, 0, canvas[0] - height)
         return {"labels": labels.long(), "masks": nnf.pad(masks, pad, value=False),
                 "ignore": nnf.pad(ignore, pad, value=True)}
-
-    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        return move_to(batch, device, non_blocking=device.type == "cuda")
-
-    def images(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """Each image of a batch, uint8 (3, H, W), without its padding."""
-        return [image[:, :h, :w] for image, (h, w) in zip(batch["images"], batch["sizes"])]
-
-    @staticmethod
-    def batch_size(batch: dict[str, Any]) -> int:
-        return batch["images"].shape[0]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean.to(images.device)) / self.std.to(images.device)

@@ -17,7 +17,7 @@ from segtrain.losses.lovasz import lovasz_hinge_per_mask
 from segtrain.metrics.build import Evaluators, build_evaluators, check_evaluator_names
 from segtrain.models.spatial_embeddings import output_layout
 from segtrain.tasks.instance import InstanceTask, _plain
-from segtrain.utils.tensors import move_to
+from segtrain.tasks.padded_batch import PaddedBatchTask, pad_images
 
 LOSS_NAMES = ("loss_inst", "loss_var", "loss_seed")
 # The official train_config's weights: w_inst 1, w_var 10, w_seed 1.
@@ -26,7 +26,7 @@ _SIGMA_SCALE = 10.0  # the official bandwidth is exp(10 * sigma)
 _LN2 = 0.6931471805599453
 
 
-class SpatialEmbeddingsTask:
+class SpatialEmbeddingsTask(PaddedBatchTask):
     """Everything the Trainer must not know about spatial embeddings.
 
     A batch is a dict: `images` uint8 (N, 3, H, W) padded with 0 to the largest image; `sizes`
@@ -90,24 +90,8 @@ class SpatialEmbeddingsTask:
     # ------------------------------------------------------------------------------ batching
     def collate(self, samples: list[tuple[Any, dict]]) -> dict[str, Any]:
         """Images padded to the largest (bottom/right, 0); targets kept per image, unpadded."""
-        height = max(image.shape[-2] for image, _ in samples)
-        width = max(image.shape[-1] for image, _ in samples)
-        images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
-        for i, (image, _) in enumerate(samples):
-            images[i, :, : image.shape[-2], : image.shape[-1]] = image
-        return {"images": images, "targets": [_plain(t) for _, t in samples],
-                "sizes": [(int(image.shape[-2]), int(image.shape[-1])) for image, _ in samples]}
-
-    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        return move_to(batch, device, non_blocking=device.type == "cuda")
-
-    def images(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """Each image of a batch, uint8 (3, H, W), without its padding (for prediction writers)."""
-        return [image[:, :h, :w] for image, (h, w) in zip(batch["images"], batch["sizes"])]
-
-    @staticmethod
-    def batch_size(batch: dict[str, Any]) -> int:
-        return batch["images"].shape[0]
+        images, sizes = pad_images(samples)
+        return {"images": images, "targets": [_plain(t) for _, t in samples], "sizes": sizes}
 
     def _maps(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Embeddings (N, 2, H, W) = tanh offsets + pixel coordinates (x, y) / coord_scale,
