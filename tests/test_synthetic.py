@@ -195,11 +195,30 @@ def test_meta_lists_background_then_shape_kinds():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_classes": 1}, {"num_classes": len(SHAPES) + 2}, {"image_size": 8}, {"max_shapes": 0}],
+    [{"num_classes": 1}, {"num_classes": len(SHAPES) + 2}, {"image_size": 8}, {"max_shapes": 0},
+     {"num_classes": 3, "kind_weights": [1.0]}, {"num_classes": 3, "kind_weights": [1.0, -1.0]},
+     {"num_classes": 3, "kind_weights": [0.0, 0.0]},
+     {"num_classes": 3, "stuff_classes": 1, "kind_weights": [1.0, 1.0]}],
 )
 def test_invalid_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError, match="expected"):
         SyntheticDataset(**kwargs)
+
+
+def test_kind_weights_draw_kinds_by_frequency_and_none_changes_nothing():
+    plain = SyntheticDataset(num_samples=60, image_size=32, num_classes=4)
+    uniform = SyntheticDataset(num_samples=60, image_size=32, num_classes=4, kind_weights=None)
+    rare = SyntheticDataset(num_samples=60, image_size=32, num_classes=4, kind_weights=[1, 1, 0.1])
+    absent = SyntheticDataset(num_samples=60, image_size=32, num_classes=4, kind_weights=[1, 0, 1])
+    for i in range(3):
+        assert torch.equal(plain[i][0], uniform[i][0])
+    counts = {name: torch.zeros(4) for name in ("plain", "rare")}
+    for name, ds in (("plain", plain), ("rare", rare)):
+        for i in range(len(ds)):
+            counts[name] += torch.bincount(ds[i][1]["labels"], minlength=4).float()
+    assert counts["rare"][3] < 0.3 * counts["plain"][3]  # drawn ~10x less often
+    assert counts["rare"][3] > 0  # but drawn
+    assert all(2 not in absent[i][1]["labels"].tolist() for i in range(len(absent)))
 
 
 def test_index_out_of_range_raises_index_error():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,8 @@ class SyntheticDataset(Dataset):
     `labels` int64 (N,) in [1, num_classes), `boxes` BoundingBoxes XYXY (x2/y2 exclusive: a
     mask spanning columns 3..7 has x1=3, x2=8), `iscrowd` int64 zeros (N,), `image_id` int,
     `orig_size` int64 [H, W]. `transforms(image, target)` is applied last when given.
+    `kind_weights` (one per shape kind) draws the kinds by those relative frequencies, for an
+    imbalanced set; None (uniform) leaves every output unchanged.
 
     Panoptic mode (`stuff_classes` > 0; the default 0 leaves every output above unchanged): the
     background is split into up to 3 Voronoi-like regions, each of a stuff class with its own
@@ -89,6 +91,7 @@ class SyntheticDataset(Dataset):
         stuff_classes: int = 0,
         crowd_prob: float = 0.0,
         mode: str = "shapes",
+        kind_weights: Sequence[float] | None = None,
     ) -> None:
         if mode not in ("shapes", "cells"):
             raise ValueError(f"SyntheticDataset(mode={mode!r}): expected 'shapes' or 'cells'")
@@ -125,6 +128,7 @@ class SyntheticDataset(Dataset):
         self.ignore_index = 255
         self.stuff_classes, self.crowd_prob = int(stuff_classes), float(crowd_prob)
         self.mode = mode
+        self.kind_weights = self._checked_kind_weights(kind_weights)
         # Shape kinds are 1..K in both modes; the background is class 0 or the stuff classes.
         self._num_kinds = self.num_classes - max(self.stuff_classes, 1)
         self.meta = self._build_meta()
@@ -165,6 +169,21 @@ class SyntheticDataset(Dataset):
             category_ids=list(range(1, self.num_classes + 1)),  # COCO-style: no category 0
         )
 
+    def _checked_kind_weights(self, kind_weights: Sequence[float] | None) -> Tensor | None:
+        """Relative frequencies of the shape kinds (an imbalanced set); None: uniform."""
+        if kind_weights is None:
+            return None
+        kinds = self.num_classes - 1
+        weights = torch.tensor([float(w) for w in kind_weights], dtype=torch.float64)
+        if self.mode != "shapes" or self.stuff_classes:
+            raise ValueError(f"SyntheticDataset(kind_weights={list(kind_weights)}): only the semantic/"
+                             "instance shapes mode draws kinds by weight; expected null in cells and panoptic modes")
+        if len(weights) != kinds or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+            raise ValueError(f"SyntheticDataset(kind_weights={list(kind_weights)}): expected {kinds} "
+                             f"non-negative weights, one per shape kind ({', '.join(SHAPES[:kinds])}), "
+                             "not all zero")
+        return weights
+
     @staticmethod
     def _check_panoptic_args(num_classes: int, stuff_classes: int, crowd_prob: float) -> None:
         things = num_classes - stuff_classes
@@ -193,7 +212,10 @@ class SyntheticDataset(Dataset):
             image = (image.clamp_(0.0, 1.0) * 255.0).round_().to(torch.uint8)
             return tv_tensors.Image(image), self._target(owner, kinds, index)
         count = int(torch.randint(1, self.max_shapes + 1, (1,), generator=g))
-        kinds = torch.randint(1, self.num_classes, (count,), generator=g)
+        if self.kind_weights is None:
+            kinds = torch.randint(1, self.num_classes, (count,), generator=g)
+        else:
+            kinds = torch.multinomial(self.kind_weights, count, replacement=True, generator=g) + 1
         # Columns: radius, rotation, proportions a and b, shading angle and strength,
         # hue jitter, saturation, value.
         params = torch.rand(count, 9, generator=g)
