@@ -14,7 +14,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segtrain.config_check import ConfigValueError
 from segtrain.data.loader import LoaderOptions
+from segtrain.data.samplers import (
+    SAMPLERS,
+    RepeatFactorSampler,
+    dataset_image_categories,
+    describe_repeat_factors,
+    repeat_factors,
+)
 from segtrain.metrics.build import evaluator_target_keys
 
 log = logging.getLogger("segtrain.builders")
@@ -164,6 +172,34 @@ def _choice(group: str, cfg: DictConfig) -> str:
         return str(HydraConfig.get().runtime.choices[group])
     except (ValueError, KeyError):
         return str(OmegaConf.select(cfg, f"{group}._target_"))
+
+
+def check_sampler_config(cfg: DictConfig) -> None:
+    """`data.sampler` is uniform or repeat_factor, and `data.repeat_threshold` a fraction in
+    (0, 1]: a ConfigValueError naming the key, before anything is built."""
+    sampler = OmegaConf.select(cfg, "data.sampler", default="uniform")
+    if sampler not in SAMPLERS:
+        raise ConfigValueError(f"data.sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    threshold = OmegaConf.select(cfg, "data.repeat_threshold", default=0.001)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ConfigValueError(
+            f"data.repeat_threshold={threshold!r}: expected a fraction of images in (0, 1] (LVIS uses "
+            "0.001): categories in fewer images than that are repeated"
+        )
+
+
+def train_repeat_factors(cfg: DictConfig, dataset: Any) -> torch.Tensor | None:
+    """With `data.sampler=repeat_factor`, the training set's repeat factors (float64 (N,)),
+    from each image's categories (`dataset_image_categories`), summarised in the log; None for
+    the uniform sampler."""
+    check_sampler_config(cfg)
+    if OmegaConf.select(cfg, "data.sampler", default="uniform") != "repeat_factor":
+        return None
+    threshold = float(cfg.data.repeat_threshold)
+    factors = repeat_factors(dataset_image_categories(dataset), threshold)
+    first_epoch = len(RepeatFactorSampler(factors, cfg.seed).epoch_indices(0))
+    log.info(describe_repeat_factors(factors, threshold, first_epoch))
+    return factors
 
 
 def loader_options(cfg: DictConfig, device: torch.device) -> LoaderOptions:

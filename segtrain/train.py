@@ -17,10 +17,12 @@ from segtrain.builders import (
     build_data,
     build_task,
     check_loss_applies,
+    check_sampler_config,
     check_task_fits_data,
     loader_options,
     resolve_class_weights,
     resolve_task_mode,
+    train_repeat_factors,
 )
 from segtrain.config_check import check_class_counts, check_config
 from segtrain.config_trust import check_stored_config
@@ -65,6 +67,7 @@ def train(cfg: DictConfig) -> float | None:
     """Train as configured; returns the objective (the best metric) for Hydra sweepers."""
     join_launched_group()
     check_config(cfg)
+    check_sampler_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer_cfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     # A single run's directory was claimed (locked, checked) by the RunDirGuard callback before
@@ -91,7 +94,8 @@ def train(cfg: DictConfig) -> float | None:
     model = instantiate(cfg.model)
     optimizer = build_optimizer(cfg.optimizer, model)
     options = loader_options(cfg, device)
-    train_loader = build_train_loader(train_set, cfg.data.batch_size, task.collate, cfg.seed, options)
+    train_loader = build_train_loader(train_set, cfg.data.batch_size, task.collate, cfg.seed, options,
+                                      repeat_factors=train_repeat_factors(cfg, train_set))
     val_loader = None
     if val_set is not None:
         val_loader = build_eval_loader(val_set, cfg.data.val_batch_size, task.collate, options)

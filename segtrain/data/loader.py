@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segtrain.data.codecs.image_io import CorruptImageError
+from segtrain.data.samplers import RepeatFactorSampler
 from segtrain.utils.distributed import get_rank, get_world_size
 
 log = logging.getLogger("segtrain.data")
@@ -131,7 +132,9 @@ class ShardSampler(Sampler):
 class SeededDataset(Dataset):
     """Wraps a dataset so each (epoch, index) item is augmented under its own RNG seed.
 
-    `fork_rng` keeps the process's global RNG (dropout, ...) untouched by data augmentation.
+    A key may carry a third number, the copy of the image within the epoch (repeat-factor
+    sampling, `RepeatFactorSampler`): copy 0 has the seed of (epoch, index), later copies their
+    own. `fork_rng` keeps the process's global RNG (dropout, ...) untouched by data augmentation.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -140,14 +143,17 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> Any:
+        epoch, index, *repeat = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._item_seed(epoch, index))
+            torch.manual_seed(self._item_seed(epoch, index, *repeat))
             return self.dataset[index]
 
-    def _item_seed(self, epoch: int, index: int) -> int:
-        return (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+    def _item_seed(self, epoch: int, index: int, repeat: int = 0) -> int:
+        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        # Copy 0 keeps the seed the uniform sampler gives the item; copy k adds k times a large
+        # odd constant (the golden ratio's 64-bit fraction), so copies are augmented apart.
+        return seed if not repeat else (seed + repeat * 0x9E3779B97F4A7C15) % 2**63
 
 
 class CorruptSkippingDataset(SeededDataset):
@@ -159,13 +165,13 @@ class CorruptSkippingDataset(SeededDataset):
     which no sample decodes raises the last error.
     """
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, list[str]]:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[Any, list[str]]:
+        epoch, index, *repeat = key
         errors: list[str] = []
         for offset in range(len(self.dataset)):
             with torch.random.fork_rng(devices=[]):
                 # Reseeded on every attempt: a decode that fails part-way may have drawn numbers.
-                torch.manual_seed(self._item_seed(epoch, index))
+                torch.manual_seed(self._item_seed(epoch, index, *repeat))
                 try:
                     return self.dataset[(index + offset) % len(self.dataset)], errors
                 except CorruptImageError as err:
@@ -230,8 +236,11 @@ def build_train_loader(
     collate_fn: Callable,
     seed: int,
     options: LoaderOptions = LoaderOptions(),
+    repeat_factors: torch.Tensor | None = None,
 ) -> DataLoader:
-    """Loader over a `ResumableSampler`; call `loader.sampler.set_epoch(e, start)` each epoch.
+    """Loader over a `ResumableSampler`, or a `RepeatFactorSampler` when `repeat_factors`
+    (float (N,) >= 1, one per sample) are given; call `loader.sampler.set_epoch(e, start)` each
+    epoch.
 
     With `options.skip_corrupt`, samples raising `CorruptImageError` are replaced and logged (see
     `CorruptSkippingDataset`); otherwise the error, which names the file, stops training.
@@ -246,10 +255,16 @@ def build_train_loader(
         collate_fn = SkipReportingCollate(collate_fn)
     else:
         loader_type, items = DataLoader, SeededDataset(dataset, seed)
+    if repeat_factors is None:
+        sampler: Sampler = ResumableSampler(len(dataset), seed)
+    else:
+        if len(repeat_factors) != len(dataset):
+            raise ValueError(f"{len(repeat_factors)} repeat factors for {len(dataset)} samples")
+        sampler = RepeatFactorSampler(repeat_factors, seed)
     return loader_type(
         items,
         batch_size=batch_size,
-        sampler=ResumableSampler(len(dataset), seed),
+        sampler=sampler,
         collate_fn=collate_fn,
         num_workers=options.num_workers,
         pin_memory=options.pin_memory,

@@ -97,7 +97,7 @@ class Trainer:
                 f"one epoch has {len(train_loader)} batches, fewer than trainer.grad_accum="
                 f"{cfg.grad_accum}; lower grad_accum or data.batch_size"
             )
-        self.total_iters = cfg.max_iters or cfg.max_epochs * self.iters_per_epoch
+        self.total_iters = cfg.max_iters or self._iters_in_epochs(cfg.max_epochs)
         self.scheduler = scheduler_factory(optimizer, self.total_iters)
         # fp16 needs loss scaling; with enabled=False the scaler passes everything through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
@@ -108,6 +108,16 @@ class Trainer:
         self._step_start: tuple[int, int] | None = None  # data position while a step runs
         self._optimizer_stepping = False
         self._consecutive_skips = 0
+
+    def _iters_in_epochs(self, epochs: int) -> int:
+        """Optimizer steps in the first `epochs` epochs. A sampler whose epochs differ in length
+        (repeat-factor sampling) gives each epoch's `epoch_length`; otherwise every epoch has
+        len(train_loader) batches."""
+        epoch_length = getattr(self.train_loader.sampler, "epoch_length", None)
+        if epoch_length is None:
+            return epochs * self.iters_per_epoch
+        batch_size = self.train_loader.batch_size
+        return sum(epoch_length(e) // batch_size // self.cfg.grad_accum for e in range(epochs))
 
     def _wrap_ddp(self, model: nn.Module) -> DistributedDataParallel:
         """DistributedDataParallel over this rank's device (CUDA: one GPU per process)."""

@@ -86,6 +86,10 @@ class COCOInstanceDataset(Dataset):
             self.meta = self._build_meta(data["categories"], num_classes)
             records = self._index(data)
             self.image_ids = [record[0] for record in records]
+            # Labels of all images in one array (a few bytes each): image_categories without
+            # unpickling a record or decoding a mask.
+            self._label_ends = np.cumsum([len(record[5]) for record in records], dtype=np.int64)
+            self._labels = np.concatenate([record[5] for record in records] or [np.zeros(0, np.int64)])
             self._records = _PackedList(records)
             del data, records
         if len(self._records):
@@ -270,6 +274,13 @@ class COCOInstanceDataset(Dataset):
             f"image file {path} not found (image id {image_id}, listed in {self.gt_json}); "
             f"expected every image of the JSON under {self.img_dir}"
         )
+
+    def image_categories(self) -> list[list[int]]:
+        """Each item's contiguous labels (in [1, K], sorted, once each) as the JSON annotates
+        them, after the cleaning of the targets (crowd regions out for training): no mask is
+        decoded. For `data.sampler=repeat_factor`."""
+        parts = np.split(self._labels, self._label_ends[:-1]) if len(self._label_ends) else []
+        return [sorted(set(part.tolist())) for part in parts]
 
     # ------------------------------------------------------------------------------ items
     def __len__(self) -> int:

@@ -193,6 +193,7 @@ class FolderDataset(Dataset):
         decode = json.dumps({"palette": None if self._palette_codes is None else self._palette_codes.tolist(),
                              "grey_colour": self.binarize_threshold is not None})
         scan = scan_masks(list(self.masks.values()), lambda p: self._read_raw(p, widen=False), decode)
+        self._scan = scan  # per-file value histograms: image_categories without reading again
         unreadable = {p: e for p, e in scan.failed.items() if not is_corrupt(e)}
         if not scan.files and scan.failed and given is None:
             raise next(iter(scan.failed.values()))  # nothing decodes: the classes cannot be counted
@@ -206,6 +207,20 @@ class FolderDataset(Dataset):
             more = f" ({len(unreadable) - 1} more masks fail like it)" if len(unreadable) > 1 else ""
             problems.insert(0, LabelProblem("error", "unreadable", f"{first}{more}"))
         return count, problems
+
+    def image_categories(self) -> list[list[int]]:
+        """Each item's classes present (void excluded, sorted), from the label scan made at load:
+        no mask is read again. A mask the scan could not decode gives [] (reading its item
+        fails on its own). For `data.sampler=repeat_factor`."""
+        scan = self._scan
+        classes = self._to_classes(torch.from_numpy(scan.values)).tolist()
+        per_file: list[set[int]] = [set() for _ in scan.files]
+        for k, c in zip(scan.file_index.tolist(), classes):
+            if 0 <= c < self.num_classes and c != self.ignore_index:
+                per_file[k].add(c)
+        row = {path: k for k, path in enumerate(scan.files)}
+        return [sorted(per_file[row[Path(self.masks[stem])]]) if Path(self.masks[stem]) in row else []
+                for stem in self.stems]
 
     def _check_options(self, classes: dict[str, Any], num_classes: int | None, names: list | None) -> None:
         file = self.root / "classes.yaml"

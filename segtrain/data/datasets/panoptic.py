@@ -282,6 +282,12 @@ class COCOPanopticDataset(Dataset):
             f"{self.gt_json}); expected every {what} of the JSON under {folder}"
         )
 
+    def image_categories(self) -> list[list[int]]:
+        """Each item's contiguous classes (things and stuff, sorted, once each) from the JSON's
+        segments_info: no PNG is read. For `data.sampler=repeat_factor`."""
+        parts = np.split(self._segments[1], self._ends[:-1]) if len(self) else []
+        return [sorted(set(part.tolist())) for part in parts]
+
     # ------------------------------------------------------------------------------ items
     def __len__(self) -> int:
         return len(self._ends)

@@ -94,6 +94,12 @@ class RandomCrop(v2.Transform):
     (`semantic`); without one, or with cat_max_ratio=1, the first draw is taken. A side shorter
     than `size` is kept whole and padded at the bottom/right (image 0, labels `ignore_index`,
     panoptic 0, instance masks False), as MMSeg's crop followed by its pad to `crop_size`.
+
+    Rare-class crops: with probability `rare_class_prob`, when the label map holds any of
+    `rare_classes`, the window is instead centred (as far as the frame allows) on a pixel of one
+    of them: a class drawn uniformly among those present, then one of its pixels uniformly;
+    cat_max_ratio is not applied to that window. With rare_class_prob=0 (default) no extra
+    number is drawn, so crops are exactly those without the option.
     """
 
     def __init__(
@@ -102,36 +108,78 @@ class RandomCrop(v2.Transform):
         cat_max_ratio: float = 1.0,
         ignore_index: int = 255,
         max_tries: int = 10,
+        rare_classes: Sequence[int] = (),
+        rare_class_prob: float = 0.0,
     ) -> None:
         super().__init__()
         self.size, self.ignore_index = _pair(size, "crop_size"), int(ignore_index)
         if not 0.0 < cat_max_ratio <= 1.0:
             raise ValueError(f"cat_max_ratio={cat_max_ratio}: expected a fraction in (0, 1] (1 = off)")
         self.cat_max_ratio, self.max_tries = float(cat_max_ratio), max(1, int(max_tries))
+        if not 0.0 <= rare_class_prob <= 1.0:
+            raise ValueError(f"rare_class_prob={rare_class_prob}: expected a probability in [0, 1] (0 = off)")
+        if rare_class_prob > 0 and not rare_classes:
+            raise ValueError(
+                f"rare_class_prob={rare_class_prob} needs rare_classes, the class ids whose pixels "
+                "crops are centred on (e.g. rare_classes=[4, 11])"
+            )
+        self.rare_classes = torch.tensor([int(c) for c in rare_classes], dtype=torch.int64)
+        self.rare_class_prob = float(rare_class_prob)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        labels = None
-        if self.cat_max_ratio < 1.0:
-            labels = next((x for x in flat_inputs if _is_label_map(x)), None)
+        labels = self._label_map(flat_inputs)
 
         def window(top: int, left: int, h: int, w: int) -> torch.Tensor:
             return labels[..., top : top + h, left : left + w]
 
-        return self.draw(height, width, None if labels is None else window)
+        def rare_pixel() -> tuple[int, int] | None:
+            return self.rare_pixel(labels)
+
+        return self.draw(height, width, None if labels is None or self.cat_max_ratio == 1.0 else window,
+                         None if labels is None else rare_pixel)
+
+    def _label_map(self, flat_inputs: list[Any]) -> torch.Tensor | None:
+        if self.cat_max_ratio == 1.0 and self.rare_class_prob == 0.0:
+            return None
+        return next((x for x in flat_inputs if _is_label_map(x)), None)
+
+    def rare_pixel(self, labels: torch.Tensor) -> tuple[int, int] | None:
+        """(row, column) of a random pixel of a rare class in `labels` (..., H, W); None when
+        none is present. Draws from torch's global RNG only when one is."""
+        labels = labels.as_subclass(torch.Tensor).reshape(labels.shape[-2:])
+        is_rare = torch.isin(labels, self.rare_classes)
+        if not bool(is_rare.any()):
+            return None
+        present = torch.unique(labels[is_rare])
+        chosen = present[int(torch.randint(len(present), ()))]
+        rows, cols = torch.nonzero(labels == chosen, as_tuple=True)
+        k = int(torch.randint(len(rows), ()))
+        return int(rows[k]), int(cols[k])
 
     def draw(
-        self, height: int, width: int, window: Callable[[int, int, int, int], torch.Tensor] | None
+        self,
+        height: int,
+        width: int,
+        window: Callable[[int, int, int, int], torch.Tensor] | None,
+        rare_pixel: Callable[[], tuple[int, int] | None] | None = None,
     ) -> dict[str, Any]:
         """The crop of an (height, width) frame; `window(top, left, h, w)` gives the label map
-        under a candidate crop for cat_max_ratio (None: the first draw stands)."""
+        under a candidate crop for cat_max_ratio (None: the first draw stands); `rare_pixel()`
+        a pixel of a rare class in this frame, or None (see the class docstring)."""
         crop_h, crop_w = min(self.size[0], height), min(self.size[1], width)
+        padding = [0, 0, self.size[1] - crop_w, self.size[0] - crop_h]
+        if self.rare_class_prob > 0 and float(torch.rand(())) < self.rare_class_prob:
+            centre = rare_pixel() if rare_pixel is not None else None
+            if centre is not None:
+                top = min(max(centre[0] - crop_h // 2, 0), height - crop_h)
+                left = min(max(centre[1] - crop_w // 2, 0), width - crop_w)
+                return {"top": top, "left": left, "height": crop_h, "width": crop_w, "padding": padding}
         for _ in range(self.max_tries):
             top = int(torch.randint(height - crop_h + 1, ()))
             left = int(torch.randint(width - crop_w + 1, ()))
             if window is None or self._balanced(window(top, left, crop_h, crop_w)):
                 break
-        padding = [0, 0, self.size[1] - crop_w, self.size[0] - crop_h]
         return {"top": top, "left": left, "height": crop_h, "width": crop_w, "padding": padding}
 
     def _balanced(self, labels: torch.Tensor) -> bool:
@@ -170,14 +218,20 @@ class ResizeCrop(v2.Transform):
         height, width = v2.query_size(flat_inputs)
         size = self.resize.make_params(flat_inputs)["size"]
         rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
-        labels = None
-        if self.crop.cat_max_ratio < 1.0:
-            labels = next((x for x in flat_inputs if _is_label_map(x)), None)
+        labels = self.crop._label_map(flat_inputs)
 
         def window(top: int, left: int, h: int, w: int) -> torch.Tensor:
             return take_window(labels, rows[top : top + h], cols[left : left + w])
 
-        params = self.crop.draw(size[0], size[1], None if labels is None else window)
+        def rare_pixel() -> tuple[int, int] | None:
+            pixel = self.crop.rare_pixel(labels)  # in the source frame: scaled to the resized one
+            if pixel is None:
+                return None
+            return (min(int((pixel[0] + 0.5) * size[0] / height), size[0] - 1),
+                    min(int((pixel[1] + 0.5) * size[1] / width), size[1] - 1))
+
+        check = None if labels is None or self.crop.cat_max_ratio == 1.0 else window
+        params = self.crop.draw(size[0], size[1], check, None if labels is None else rare_pixel)
         return {**params, "size": size, "rows": rows, "cols": cols}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -271,6 +325,8 @@ def semantic_train_transforms(
     photometric: bool = False,
     hflip_prob: float = 0.5,
     ignore_index: int = 255,
+    rare_classes: Sequence[int] = (),
+    rare_class_prob: float = 0.0,
 ) -> v2.Compose:
     """MMSeg's training pipeline: resize -> crop -> flip -> photometric distortion, each optional;
     a resize followed by a crop is one `ResizeCrop` (same draws and output, only the crop computed).
@@ -278,10 +334,14 @@ def semantic_train_transforms(
     scale_range: with `scale` (MMSeg's (2048, 512)), the ratio_range of `RandomResize` around it;
     without, factors of the image's own size (`RandomScale`). crop_size: (H, W) or an int;
     `cat_max_ratio` (1 = off) applies to its crop; smaller images are padded with `ignore_index`.
-    The defaults keep the flip alone, as the synthetic presets train; the dataset YAMLs turn the
-    recipe on.
+    `rare_class_prob` > 0 centres that share of the crops on a pixel of one of `rare_classes`
+    (train ids) when the image holds one (`RandomCrop`). The defaults keep the flip alone, as
+    the synthetic presets train; the dataset YAMLs turn the recipe on.
     """
-    steps = _geometric_steps(crop_size, scale_range, scale, cat_max_ratio, hflip_prob, ignore_index)
+    if rare_class_prob and crop_size is None:
+        raise ValueError(f"rare_class_prob={rare_class_prob} applies to the crop; set crop_size too")
+    steps = _geometric_steps(crop_size, scale_range, scale, cat_max_ratio, hflip_prob, ignore_index,
+                             rare_classes=rare_classes, rare_class_prob=rare_class_prob)
     if photometric:
         steps.append(PhotoMetricDistortion())
     return v2.Compose(steps)
@@ -347,6 +407,9 @@ def _geometric_steps(
     cat_max_ratio: float,
     hflip_prob: float,
     ignore_index: int,
+    *,
+    rare_classes: Sequence[int] = (),
+    rare_class_prob: float = 0.0,
 ) -> list[v2.Transform]:
     if not 0.0 <= hflip_prob <= 1.0:
         raise ValueError(f"hflip_prob={hflip_prob}: expected a probability in [0, 1]")
@@ -360,7 +423,8 @@ def _geometric_steps(
     elif scale_range is not None:
         steps.append(RandomScale(scale_range))
     if crop_size is not None:
-        steps.append(RandomCrop(crop_size, cat_max_ratio, ignore_index))
+        steps.append(RandomCrop(crop_size, cat_max_ratio, ignore_index,
+                                rare_classes=rare_classes, rare_class_prob=rare_class_prob))
         if len(steps) == 2:  # resize + crop: compute the kept window only
             steps = [ResizeCrop(*steps)]
     if hflip_prob > 0:
