@@ -25,7 +25,7 @@ $(VENV)/.runtime: $(BIN)/python setup.cfg pyproject.toml $(CONSTRAINTS)
 # (opencv, matplotlib), which the tests stub out. panopticapi-lite (pq_compute, the PQ reference)
 # likewise: its evaluation module needs only numpy and PIL.
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP_INSTALL) -e '.[dev,bench,sweep,slurm,timm,transformers]'
+	$(PIP_INSTALL) -e '.[dev,bench,sweep,slurm,timm,transformers,export]'
 	$(BIN)/python -m pip install --quiet --no-deps lvis==0.5.3
 	$(BIN)/python -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $@

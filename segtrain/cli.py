@@ -26,6 +26,9 @@ COMMANDS = {
              "task=panoptic gt=GT.json gt_dir=DIR pred=PRED.json pred_dir=DIR",
     "data": "inspect a dataset: data check dataset=NAME [dataset.root=DIR] [n=100] (layout, labels, sizes);\n"
             "data show dataset=NAME [n=16] [split=train] [output=grid.png] (a grid PNG)",
+    "export": "a checkpoint as ONNX / TorchScript / torch.export, checked against the eager model:\n"
+              "export ckpt=PATH format=onnx|torchscript|exported_program [output=FILE] [input=IMAGES]\n"
+              "[atol=1e-3] [overwrite=false]",
     "model-info": "parameters, FLOPs and latency of a model config: model-info model=NAME\n"
                   "[model.backbone=NAME] [input_size=512|[H,W]] [device=auto] [batch_size=1] [runs=10]\n"
                   "[dataset=NAME (class counts)] [output=info.json]",
@@ -157,6 +160,13 @@ def data_app(cfg: DictConfig) -> None:
     _run_guarded(data, cfg)
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def export_app(cfg: DictConfig) -> None:
+    from segtrain.exporting.command import export
+
+    _run_guarded(export, cfg)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="model_info")
 def model_info_app(cfg: DictConfig) -> None:
     from segtrain.model_info import model_info
@@ -165,7 +175,7 @@ def model_info_app(cfg: DictConfig) -> None:
 
 
 APPS = {"train": train_app, "eval": eval_app, "predict": predict_app, "score": score_app, "data": data_app,
-        "model-info": model_info_app}
+        "export": export_app, "model-info": model_info_app}
 
 
 def _data_action(rest: list[str]) -> list[str] | None:
@@ -292,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         rest = with_action
-    if command in ("eval", "predict"):  # both edit the checkpoint's stored config
+    if command in ("eval", "predict", "export"):  # they edit the checkpoint's stored config
         from segtrain.eval_config import eval_overrides
 
         rest = eval_overrides(rest)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.config_trust import read_stored_config, resolve_checked, trusted_names
 
 # Keys of eval.yaml itself (and train's `trust`); every other override edits the checkpoint's config.
-EVAL_KEYS = frozenset({"ckpt", "output", "use_ema", "save_predictions", "trust"})
+EVAL_KEYS = frozenset({"ckpt", "output", "use_ema", "save_predictions", "trust", "tta"})
 
 # `a.b...=value`: a value deeper than a group choice, outside `hydra.`, without a +/++/~ prefix.
 _NESTED_VALUE = re.compile(r"(?!hydra\.)[A-Za-z_][\w-]*(\.[\w-]+)+=")

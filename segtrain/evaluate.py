@@ -13,6 +13,7 @@ from segtrain.builders import loader_options
 from segtrain.data.loader import build_eval_loader
 from segtrain.engine.evaluation import evaluate_model
 from segtrain.engine.trainer_config import resolve_device
+from segtrain.inference.tta import tta_options, with_tta
 from segtrain.metrics.report import report
 from segtrain.model_loading import load_model_from_checkpoint
 from segtrain.utils.distributed import is_main_process, join_launched_group
@@ -29,10 +30,11 @@ def evaluate(cfg: DictConfig) -> dict:
     """
     join_launched_group()
     ckpt_path = Path(cfg.ckpt)
+    tta = tta_options(cfg.get("tta"))  # a bad value fails before the checkpoint is read
     loaded = load_model_from_checkpoint(
         ckpt_path, cfg, HydraConfig.get().overrides.task,
         device=lambda run_cfg: resolve_device(run_cfg.trainer.device), use_ema=bool(cfg.use_ema))
-    run_cfg, task = loaded.run_cfg, loaded.task
+    run_cfg, task = loaded.run_cfg, with_tta(loaded.task, tta)
     val_set = instantiate(run_cfg.dataset.val)
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     metrics_path = output if output.suffix == ".json" else output / "metrics.json"

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from segtrain.data.loader import LoaderOptions, build_eval_loader, shutdown_workers
 from segtrain.engine.evaluation import DTYPES, autocast_context
 from segtrain.engine.trainer_config import resolve_device
+from segtrain.exporting.runtime import exported_format, load_exported_model
 from segtrain.inference.images import ImageFiles, SkippingCollate, Unreadable, list_images
+from segtrain.inference.tta import tta_options, with_tta
 from segtrain.inference.writers import PredictionWriter, check_output_dir
 from segtrain.model_loading import load_model_from_checkpoint
 from segtrain.utils.distributed import is_main_process, join_launched_group
@@ -34,7 +36,7 @@ log = logging.getLogger("segtrain.predict")
 # Keys of predict.yaml itself: every other override edits the checkpoint's config.
 PREDICT_KEYS = frozenset({"ckpt", "input", "output", "batch_size", "num_workers", "device",
                           "precision", "overlay", "score_thresh", "overwrite", "exif", "use_ema",
-                          "trust"})
+                          "trust", "tta"})
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -44,9 +46,15 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     """
     join_launched_group()
     _check_options(cfg)
+    tta = tta_options(cfg.get("tta"))
+    if tta.enabled and exported_format(cfg.ckpt):  # TTA drives the PyTorch model's own parts
+        raise ValueError(f"tta (flip={tta.flip}, scales={list(tta.scales)}) runs on a PyTorch checkpoint "
+                         f"(.pt), and ckpt={cfg.ckpt} is an export; pass the run's .pt or tta=none")
     paths = list_images(cfg.input)  # inputs and output are checked before the model is loaded
     check_output_dir(cfg.output, bool(cfg.overwrite))
-    loaded = load_model_from_checkpoint(
+    # An ONNX export runs in ONNX Runtime inside the same task code and writers (segtrain.exporting).
+    load = load_exported_model if exported_format(cfg.ckpt) else load_model_from_checkpoint
+    loaded = load(
         cfg.ckpt, cfg, HydraConfig.get().overrides.task, lambda run_cfg: resolve_device(str(cfg.device)),
         use_ema=bool(cfg.use_ema), own_keys=PREDICT_KEYS,
     )
@@ -61,7 +69,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                               score_thresh=float(cfg.score_thresh), overwrite=bool(cfg.overwrite))
     log.info("predicting %d images with %s (device %s, %s)", len(paths), cfg.ckpt, device, precision)
     start = time.perf_counter()
-    skipped = predict_images(loaded.model, loaded.task, loader, writer, device, precision)
+    skipped = predict_images(loaded.model, with_tta(loaded.task, tta), loader, writer, device, precision)
     summary = {**writer.close([f"{s.path}\t{s.error}" for s in skipped]),
                "seconds": round(time.perf_counter() - start, 3)}
     if is_main_process():

@@ -15,9 +15,19 @@ GROUP_OPTIONS = sorted(
 )
 
 
+def _groups(config: str) -> set[str]:
+    """Groups that `conf/<config>.yaml`'s own defaults list selects."""
+    entries = OmegaConf.load(ROOT / "conf" / f"{config}.yaml").defaults
+    return {str(next(iter(e))).removeprefix("optional ").split("@")[0] for e in entries if not isinstance(e, str)}
+
+
+# Groups chosen by eval.yaml (and predict.yaml) rather than train.yaml, e.g. tta.
+EVAL_ONLY_GROUPS = _groups("eval") - _groups("train")
+
+
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_group_option_composes_and_resolves(compose_cfg, group, option):
-    cfg = compose_cfg("train", [f"{group}={option}"])
+    cfg = compose_cfg("eval" if group in EVAL_ONLY_GROUPS else "train", [f"{group}={option}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     option_cfg = OmegaConf.load(ROOT / "conf" / group / f"{option}.yaml")
     option_cfg.pop("defaults", None)

@@ -85,17 +85,22 @@ class PanopticTask(InstanceTask):
         int64 (H, W): each segment's class, VOID pixels the best stuff class of the semantic branch.
         """
         outputs = model(self.to_float(batch["images"]))
-        predictions = []
-        for image, target, output in zip(batch["images"], batch["targets"], outputs):
-            size = _size(target, image)
-            instances = self._postprocess(output, tuple(image.shape[-2:]), size)
-            logits = output["sem_seg"].float()
-            if tuple(logits.shape[-2:]) != size:  # the loader resized the image: back to its size
-                logits = nnf.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
-            panoptic, segments = self._merge(instances, logits)
-            predictions.append({"instances": instances, "panoptic": panoptic, "segments": segments,
-                                "sem_seg": self._semantic(panoptic, segments, logits)})
-        return predictions
+        return [self.image_prediction(output, image, target)
+                for image, target, output in zip(batch["images"], batch["targets"], outputs)]
+
+    def image_prediction(self, output: dict[str, torch.Tensor], image: torch.Tensor,
+                         target: dict[str, Any]) -> dict[str, Any]:
+        """One image's predictions from the model's output for it (detections with mask
+        probabilities and `sem_seg` class scores (S + 1, H, W) at the image's size: logits, or
+        probabilities as test-time augmentation averages them)."""
+        size = _size(target, image)
+        instances = self._postprocess(output, tuple(image.shape[-2:]), size)
+        logits = output["sem_seg"].float()
+        if tuple(logits.shape[-2:]) != size:  # the loader resized the image: back to its size
+            logits = nnf.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        panoptic, segments = self._merge(instances, logits)
+        return {"instances": instances, "panoptic": panoptic, "segments": segments,
+                "sem_seg": self._semantic(panoptic, segments, logits)}
 
     def _merge(self, instances: dict[str, torch.Tensor], logits: torch.Tensor
                ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
