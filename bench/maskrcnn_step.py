@@ -13,6 +13,7 @@ than fp32. On a CPU use small sizes to check that it runs:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from train_overhead import compare_with_bare, loop_arguments
@@ -26,10 +27,12 @@ from segtrain.tasks.instance import InstanceTask
 CLASSES = 81
 
 
-def make_batches(n: int, batch: int, height: int, width: int, objects: int) -> list[dict]:
-    """`n` InstanceTask batches of random images with `objects` box-shaped instances each."""
+def make_batches(n: int, batch: int, height: int, width: int, objects: int,
+                 collate: Any = None) -> list[dict]:
+    """`n` batches of random images with `objects` box-shaped instances each, collated by
+    `collate` (default: InstanceTask's)."""
     g = torch.Generator().manual_seed(0)
-    task = InstanceTask(CLASSES)
+    collate = collate or InstanceTask(CLASSES).collate
     batches = []
     for _ in range(n):
         samples = []
@@ -45,7 +48,7 @@ def make_batches(n: int, batch: int, height: int, width: int, objects: int) -> l
                       "orig_size": torch.tensor([height, width])}
             image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
             samples.append((image, target))
-        batches.append(task.collate(samples))
+        batches.append(collate(samples))
     return batches
 
 
