@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1300)
     parser.add_argument("--weights", default="auto", help="auto | median_frequency | inverse")
     parser.add_argument("--out", default=None, help="keep the run directories here")
-    parser.add_argument("--dry-run", action="store_true", help="16 validation images, no warmup: that it runs")
+    parser.add_argument("--dry-run", action="store_true", help="16 val images, no warmup: that it runs")
     args = parser.parse_args()
     extra = ["dataset.val.num_samples=16", "scheduler.warmup_iters=0"] if args.dry_run else []
     root = Path(args.out or tempfile.mkdtemp(prefix="class_weights_"))

@@ -176,8 +176,8 @@ class SyntheticDataset(Dataset):
         kinds = self.num_classes - 1
         weights = torch.tensor([float(w) for w in kind_weights], dtype=torch.float64)
         if self.mode != "shapes" or self.stuff_classes:
-            raise ValueError(f"SyntheticDataset(kind_weights={list(kind_weights)}): only the semantic/"
-                             "instance shapes mode draws kinds by weight; expected null in cells and panoptic modes")
+            raise ValueError(f"SyntheticDataset(kind_weights={list(kind_weights)}): only the shapes "
+                             "mode draws kinds by weight; expected null in cells and panoptic modes")
         if len(weights) != kinds or bool((weights < 0).any()) or float(weights.sum()) <= 0:
             raise ValueError(f"SyntheticDataset(kind_weights={list(kind_weights)}): expected {kinds} "
                              f"non-negative weights, one per shape kind ({', '.join(SHAPES[:kinds])}), "
