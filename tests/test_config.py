@@ -18,7 +18,8 @@ GROUP_OPTIONS = sorted(
 def _groups(config: str) -> set[str]:
     """Groups that `conf/<config>.yaml`'s own defaults list selects."""
     entries = OmegaConf.load(ROOT / "conf" / f"{config}.yaml").defaults
-    return {str(next(iter(e))).removeprefix("optional ").split("@")[0] for e in entries if not isinstance(e, str)}
+    named = (str(next(iter(entry))) for entry in entries if not isinstance(entry, str))
+    return {name.removeprefix("optional ").split("@")[0] for name in named}
 
 
 # Groups chosen by eval.yaml (and predict.yaml) rather than train.yaml, e.g. tta.

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 from PIL import Image
+from test_trainer import ToyTask
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -154,25 +155,10 @@ def test_loader_batches_equal_with_0_and_2_workers_and_after_a_mid_epoch_restart
     assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed, strict=True))
 
 
-class PointTask:
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.on_step = None
+class PointTask(ToyTask):
+    """test_trainer's task on this file's (index, x, y) samples."""
 
     collate = staticmethod(_collate)
-
-    def to_device(self, batch, device):
-        return {k: v.to(device) for k, v in batch.items()}
-
-    def batch_size(self, batch) -> int:
-        return len(batch["x"])
-
-    def training_step(self, model, batch):
-        loss = nn.functional.mse_loss(model(batch["x"]), batch["y"])
-        self.losses.append(loss.item())
-        if self.on_step:
-            self.on_step(len(self.losses))
-        return {"loss": loss}
 
 
 def _trainer(tmp_path, task=None, seed_model=0, **overrides) -> Trainer:

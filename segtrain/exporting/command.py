@@ -89,10 +89,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             if not dynamic or _dynamic_mode(cfg) == "true":
                 raise
             # e.g. ONNX has no adaptive pooling over a dynamic size (PSPNet's pyramid pooling)
-            note = (f"\nWARNING: fixed image size {list(size)}: the export with a dynamic size failed "
-                    f"({str(err).split(': ', 1)[-1]}); the exported graph takes only images that collate to "
-                    f"{list(size)}")
-            log.warning(note.strip())
+            note = _fixed_size_note(size, "the export with a dynamic size failed "
+                                          f"({str(err).split(': ', 1)[-1]})")
             dynamic = False
             exported = _export_file(graph, family, fmt, example, tmp, metadata, dynamic, cfg, model_name)
         seconds = time.perf_counter() - start
@@ -103,10 +101,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 raise ExportError(f"model {model_name} as format={fmt}: the graph does not keep the image "
                                   f"size dynamic: {problem}; {output} was not written")
             if problem:
-                note = (f"\nWARNING: fixed image size {list(size)}: with a dynamic size the graph differs "
-                        f"from the eager model at other sizes ({problem}); the exported graph takes only "
-                        f"images that collate to {list(size)} (dynamic_size=true makes this an error)")
-                log.warning(note.strip())
+                note = _fixed_size_note(size, "with a dynamic size the graph differs from eager at other "
+                                              f"sizes ({problem}); dynamic_size=true makes this an error")
                 dynamic = False
                 exported = _export_file(graph, family, fmt, example, tmp, metadata, False, cfg, model_name)
                 check = _traced_parity(graph, exported, loaded, family, traced, cfg, tol, model_name)
@@ -297,6 +293,14 @@ def _dynamic_mode(cfg: DictConfig) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:400]
+
+
+def _fixed_size_note(size: tuple[int, ...], why: str) -> str:
+    """Log and return the warning that the export keeps only the traced image size, and why."""
+    note = (f"\nWARNING: fixed image size {list(size)}: {why}; the exported graph takes only images "
+            f"that collate to {list(size)}")
+    log.warning(note.strip())
+    return note
 
 
 def _check_options(cfg: DictConfig) -> tuple[str, Path, Tolerances]:
