@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
@@ -22,6 +23,15 @@ from segtrain.exporting.graphs import ExportError
 from segtrain.utils.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("no_downloads")
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_run():
+    """export() is called in process: no Hydra run state left by an earlier test (its overrides
+    would edit the stored config, its output_dir may be unset)."""
+    HydraConfig.instance().cfg = None
+    yield
+    HydraConfig.instance().cfg = None
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra: pip install 'segtrain[export]'")
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"

@@ -124,7 +124,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     report = {"output": str(output), "format": fmt, "family": family, "model": model_name,
               "fixed_size": None if dynamic else list(size), "export_seconds": round(seconds, 3),
               "parity": check.as_dict()}
-    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else output.parent
+    hydra_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None) \
+        if HydraConfig.initialized() else None
+    run_dir = Path(hydra_dir) if hydra_dir else output.parent
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s", output)
