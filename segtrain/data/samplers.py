@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from segtrain.data.datasets.label_scan import untransformed
 from segtrain.utils.distributed import get_rank, get_world_size
 
 log = logging.getLogger("segtrain.data")
@@ -122,19 +123,12 @@ def dataset_image_categories(dataset: Any) -> list[list[int]]:
         return [list(map(int, cats)) for cats in answer()]
     log.info("data.sampler=repeat_factor: %s has no image_categories(); reading its %d targets once "
              "to find the categories of each image", type(dataset).__name__, len(dataset))
-    transforms = getattr(dataset, "transforms", None)
-    if transforms is not None:
-        dataset.transforms = None  # the image's own categories, not those of one random crop
     ignore = getattr(getattr(dataset, "meta", None), "ignore_index", 255)
     found: list[list[int]] = []
-    try:
-        with torch.random.fork_rng(devices=[]):
-            for i in range(len(dataset)):
-                _, target = dataset[i]
-                found.append(target_categories(target, ignore, type(dataset).__name__))
-    finally:
-        if transforms is not None:
-            dataset.transforms = transforms
+    with untransformed(dataset), torch.random.fork_rng(devices=[]):
+        for i in range(len(dataset)):
+            _, target = dataset[i]
+            found.append(target_categories(target, ignore, type(dataset).__name__))
     return found
 
 

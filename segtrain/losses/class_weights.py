@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from segtrain.data.datasets.label_scan import cache_dir
+from segtrain.data.datasets.label_scan import cache_dir, untransformed
 from segtrain.utils.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,8 @@ def class_pixel_counts(dataset: Any, num_classes: int, ignore_index: int, key: s
                 return torch.tensor(cached, dtype=torch.int64)
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache is recounted
-    transforms = getattr(dataset, "transforms", None)
-    if transforms is not None:
-        dataset.transforms = None  # the data's own shares, not one random crop of them
     counts = torch.zeros(num_classes, dtype=torch.int64)
-    try:
+    with untransformed(dataset):
         for done, i in enumerate(indices, 1):
             _, target = dataset[i]
             if "semantic" not in target:
@@ -80,9 +77,6 @@ def class_pixel_counts(dataset: Any, num_classes: int, ignore_index: int, key: s
             counts += torch.bincount(labels, minlength=num_classes)
             if progress is not None:
                 progress(done, len(indices))
-    finally:
-        if transforms is not None:
-            dataset.transforms = transforms
     try:
         write_atomically(path, lambda f: f.write(json.dumps({"key": key, "counts": counts.tolist()})),
                          binary=False)

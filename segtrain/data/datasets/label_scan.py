@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,21 @@ from segtrain.utils.files import write_atomically
 
 log = logging.getLogger(__name__)
 _CACHE_VERSION = 1
+
+
+@contextmanager
+def untransformed(dataset: object) -> Iterator[None]:
+    """`dataset` with its `transforms` off for the block: a pass that reads the data's own labels
+    (class shares, categories per image), not those of one random crop of them."""
+    transforms = getattr(dataset, "transforms", None)
+    if transforms is None:
+        yield
+        return
+    dataset.transforms = None
+    try:
+        yield
+    finally:
+        dataset.transforms = transforms
 
 
 def cache_dir() -> Path:
